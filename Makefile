@@ -1,0 +1,42 @@
+# The two commands of the README:
+#   make main   set up .venv (if missing), get Fashion-MNIST, run the quick comparison with `mlflow run`
+#   make test   set up .venv (if missing), run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+# The main job: lr-decay against its noise-matched twin on Fashion-MNIST (README, "The main job").
+EXPERIMENT ?= quick-fashion-mnist
+EPOCHS ?= 10
+MLFLOW_RUN := mlflow run . --env-manager local --experiment-name $(EXPERIMENT)
+
+.PHONY: setup data main test constraints ui
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+data: setup
+	python -m growing_batch.data --dataset fashion_mnist
+
+main: data
+	$(MLFLOW_RUN) -P schedule=lr-decay -P epochs=$(EPOCHS)
+	$(MLFLOW_RUN) -P schedule=noise-matched -P epochs=$(EPOCHS)
+	python -m growing_batch.analysis --experiment_name $(EXPERIMENT)
+
+test: setup
+	python -m pytest
+
+ui: setup
+	mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+# Regenerate the full pin list after changing a pin in pyproject.toml and conda.yaml.
+constraints: setup
+	{ echo '# The whole environment that `make setup` installs (pip freeze of .venv; regenerate with `make constraints`).'; \
+	  python -m pip freeze --exclude-editable; } > constraints.txt

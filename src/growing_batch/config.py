@@ -1,0 +1,276 @@
+"""The run configuration: one frozen dataclass, its validation and its command line.
+
+One name per concept: each field of :class:`Config` is, under the same name, an MLproject
+parameter of the ``main`` entry point, a command-line flag (``--learning_rate 0.1``) and an MLflow
+param. Everything here is checked before any data is loaded or any training starts; checks that
+need the data (a batch larger than the training set, say) live in :func:`validate_against_data`.
+
+This module imports no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from typing import Any, Sequence
+
+from growing_batch.schedules import SCHEDULES
+
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100")
+MODELS = ("small-cnn",)
+OPTIMIZERS = ("sgd", "adam")
+BATCH_GROWING_SCHEDULES = ("batch-growth", "step-batch", "step-hybrid", "noise-matched")
+MILESTONE_SCHEDULES = ("step-lr", "step-batch", "step-hybrid")
+
+
+class ConfigError(ValueError):
+    """A parameter has a value that is not allowed. The message is one line."""
+
+
+def _field(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that defines a training run. Epochs are counted from 1."""
+
+    dataset: str = _field("fashion_mnist", f"data set: {', '.join(DATASETS)}")
+    model: str = _field("small-cnn", f"model: {', '.join(MODELS)}")
+    schedule: str = _field("lr-decay", f"schedule: {', '.join(SCHEDULES)}")
+    learning_rate: float = _field(0.1, "initial learning rate ε0 (> 0)")
+    batch_size: int = _field(128, "initial batch size B0 (>= 1)")
+    lr_decay: float = _field(
+        0.9, "per-epoch learning-rate factor of lr-decay and noise-matched, in (0, 1]"
+    )
+    batch_growth: float = _field(1.037, "per-epoch batch-size factor of batch-growth (>= 1)")
+    max_batch_size: int = _field(
+        0, "batch-size cap of the growing schedules; 0 means N/10 (N: training examples)"
+    )
+    milestones: tuple[int, ...] = _field(
+        (60, 120, 160),
+        "epochs after which the step schedules change, comma-separated and increasing",
+    )
+    step_factor: float = _field(5.0, "factor of the step schedules at each milestone (>= 1)")
+    optimizer: str = _field("sgd", f"optimizer: {', '.join(OPTIMIZERS)}")
+    momentum: float = _field(
+        0.0, "SGD momentum, or Adam's beta_1 (the paper's Adam: 0.9), in [0, 1)"
+    )
+    nesterov: bool = _field(False, "Nesterov momentum (sgd with momentum > 0 only)")
+    epochs: int = _field(10, "number of epochs (>= 1)")
+    seed: int = _field(0, "seed of the validation split, initialisation and shuffling (>= 0)")
+    validation_size: int = _field(
+        5000, "training examples held out for validation, drawn without replacement (>= 0)"
+    )
+    data_dir: str = _field(
+        "", "folder with the data set's files in Keras' formats; empty: local copies or download"
+    )
+    max_examples: int = _field(
+        0, "use at most this many examples of each split (train, validation, test); 0: all"
+    )
+
+    def to_params(self) -> dict[str, str]:
+        """The config as MLflow params: the same text a user would pass on the command line."""
+        return {field.name: format_value(getattr(self, field.name)) for field in fields()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {field.name: _jsonable(getattr(self, field.name)) for field in fields()}
+
+
+def fields() -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(Config)
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def format_value(value: Any) -> str:
+    """The command-line text of a field value (``(60, 120)`` -> ``"60,120"``, True -> ``"true"``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+# --- parsing text into typed values -------------------------------------------------------------
+
+
+def _parse_int(name: str, text: str) -> int:
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number != int(number):
+        raise ConfigError(f"{name}={text!r} is not allowed: expected a whole number.")
+    return int(number)
+
+
+def _parse_float(name: str, text: str) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not allowed: expected a number.") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{name}={text!r} is not allowed: expected a finite number.")
+    return number
+
+
+def _parse_bool(name: str, text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"{name}={text!r} is not allowed: expected true or false.")
+
+
+def _parse_milestones(name: str, text: str) -> tuple[int, ...]:
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    return tuple(_parse_int(name, part) for part in parts)
+
+
+def parse_value(name: str, text: str) -> Any:
+    """Turn the text of one field (as given to the CLI or MLproject) into its typed value."""
+    types = {field.name: field.type for field in fields()}
+    if name not in types:
+        raise ConfigError(f"unknown parameter {name!r}: expected one of {', '.join(types)}.")
+    kind = types[name]
+    if kind == "int":
+        return _parse_int(name, text)
+    if kind == "float":
+        return _parse_float(name, text)
+    if kind == "bool":
+        return _parse_bool(name, text)
+    if kind == "tuple[int, ...]":
+        return _parse_milestones(name, text)
+    return text.strip()
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+def _require(condition: bool, name: str, value: Any, allowed: str) -> None:
+    if not condition:
+        raise ConfigError(f"{name}={format_value(value)!r} is not allowed: expected {allowed}.")
+
+
+def validate(config: Config) -> Config:
+    """Check every field on its own and against the others; raise ConfigError on the first fault."""
+    _require(config.dataset in DATASETS, "dataset", config.dataset, f"one of {', '.join(DATASETS)}")
+    _require(config.model in MODELS, "model", config.model, f"one of {', '.join(MODELS)}")
+    _require(
+        config.schedule in SCHEDULES, "schedule", config.schedule, f"one of {', '.join(SCHEDULES)}"
+    )
+    _require(
+        config.optimizer in OPTIMIZERS,
+        "optimizer",
+        config.optimizer,
+        f"one of {', '.join(OPTIMIZERS)}",
+    )
+    _require(config.learning_rate > 0, "learning_rate", config.learning_rate, "a number > 0")
+    _require(config.batch_size >= 1, "batch_size", config.batch_size, "a whole number >= 1")
+    _require(0 < config.lr_decay <= 1, "lr_decay", config.lr_decay, "a number in (0, 1]")
+    _require(
+        config.batch_growth >= 1,
+        "batch_growth",
+        config.batch_growth,
+        "a number >= 1 (the batch never shrinks)",
+    )
+    _require(
+        config.max_batch_size == 0 or config.max_batch_size >= config.batch_size,
+        "max_batch_size",
+        config.max_batch_size,
+        f"0 (N/10) or a whole number >= batch_size ({config.batch_size})",
+    )
+    _require(
+        all(milestone >= 1 for milestone in config.milestones)
+        and all(a < b for a, b in zip(config.milestones, config.milestones[1:])),
+        "milestones",
+        config.milestones,
+        "comma-separated whole numbers >= 1 in strictly increasing order, e.g. 60,120,160",
+    )
+    _require(
+        config.schedule not in MILESTONE_SCHEDULES or len(config.milestones) > 0,
+        "milestones",
+        config.milestones,
+        f"at least one milestone for schedule {config.schedule}",
+    )
+    _require(config.step_factor >= 1, "step_factor", config.step_factor, "a number >= 1")
+    _require(0 <= config.momentum < 1, "momentum", config.momentum, "a number in [0, 1)")
+    _require(
+        not config.nesterov or (config.optimizer == "sgd" and config.momentum > 0),
+        "nesterov",
+        config.nesterov,
+        "false unless optimizer is sgd with momentum > 0",
+    )
+    _require(config.epochs >= 1, "epochs", config.epochs, "a whole number >= 1")
+    _require(config.seed >= 0, "seed", config.seed, "a whole number >= 0")
+    _require(
+        config.validation_size >= 0, "validation_size", config.validation_size, "a whole number >= 0"
+    )
+    _require(
+        config.data_dir == "" or os.path.isdir(config.data_dir),
+        "data_dir",
+        config.data_dir,
+        "an existing folder, or empty to use local copies or download",
+    )
+    _require(
+        config.max_examples >= 0, "max_examples", config.max_examples, "a whole number >= 0 (0: all)"
+    )
+    return config
+
+
+def validate_against_data(config: Config, train_size: int) -> None:
+    """The checks that need N, the number of training examples after the split."""
+    _require(
+        config.batch_size <= train_size,
+        "batch_size",
+        config.batch_size,
+        f"at most the {train_size} training examples",
+    )
+    _require(
+        config.max_batch_size <= train_size,
+        "max_batch_size",
+        config.max_batch_size,
+        f"0 (N/10) or at most the {train_size} training examples",
+    )
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print usage and exit 2
+        raise ConfigError(f"{message} (see --help)")
+
+
+def make_parser(prog: str = "python -m growing_batch.train") -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog=prog,
+        description="Train with a learning-rate / batch-size schedule and log the run to MLflow.",
+    )
+    for field in fields():
+        parser.add_argument(
+            f"--{field.name}",
+            default=None,
+            metavar=field.type.replace("tuple[int, ...]", "int,int,...").upper(),
+            help=f"{field.metadata['help']} (default: {format_value(field.default)!r})",
+        )
+    return parser
+
+
+def from_args(argv: Sequence[str] | None = None) -> Config:
+    """Parse and validate a command line. Raises ConfigError with a one-line message."""
+    namespace = make_parser().parse_args(argv)
+    given = {name: text for name, text in vars(namespace).items() if text is not None}
+    return from_strings(given)
+
+
+def from_strings(values: dict[str, str]) -> Config:
+    """A validated config from field texts; missing fields take their defaults."""
+    typed = {name: parse_value(name, str(text)) for name, text in values.items()}
+    return validate(Config(**typed))

@@ -1,0 +1,380 @@
+"""Data: loading the image data sets, the validation split and the per-epoch batched pipeline.
+
+Where the arrays come from, in order:
+
+1. ``data_dir``, when given: the data set's files in Keras' own formats —
+   ``mnist.npz``; Fashion-MNIST's four ``*-idx?-ubyte.gz`` files; ``cifar-10-batches-py/`` or
+   ``cifar-100-python/`` (the folder itself or its parent).
+2. Debian's ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``), for
+   Fashion-MNIST, when installed.
+3. Keras' loaders (``keras.datasets.*.load_data``), which read Keras' cache or download.
+
+Images stay ``uint8`` in memory and on the device and are scaled to [0, 1] per batch, inside the
+pipeline. The validation split is drawn from the training set without replacement (the
+reproduction sampled with replacement, so its N was 45,235 instead of 45,000).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import pickle
+import struct
+
+import numpy as np
+
+DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+DEBIAN_FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+
+FASHION_MNIST_FILES = (
+    "train-labels-idx1-ubyte.gz",
+    "train-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+)
+NUM_CLASSES = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10, "cifar100": 100}
+# Where Keras' loaders download from: the source recorded for data read through them.
+KERAS_ORIGINS = {
+    "fashion_mnist": "https://storage.googleapis.com/tensorflow/tf-keras-datasets/",
+    "mnist": "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz",
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+}
+IMAGE_SHAPES = {
+    "fashion_mnist": (28, 28, 1),
+    "mnist": (28, 28, 1),
+    "cifar10": (32, 32, 3),
+    "cifar100": (32, 32, 3),
+}
+
+
+class DataError(RuntimeError):
+    """The data set is missing, unreadable or too small. The message is one line and says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8, (n, height, width, channels)
+    labels: np.ndarray  # int32, (n,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSplits:
+    name: str
+    source: str  # where the arrays were read from: a folder, a file or a URL
+    train: Split
+    validation: Split
+    test: Split
+
+    @property
+    def num_classes(self) -> int:
+        return NUM_CLASSES[self.name]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])
+
+
+# --- readers of Keras' file formats -------------------------------------------------------------
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read a (gzipped) IDX file, the format of MNIST and Fashion-MNIST."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            content = handle.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", content[:4])
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError(f"bad magic number (type 0x{dtype_code:02x}, expected unsigned bytes)")
+        shape = struct.unpack(f">{ndim}I", content[4 : 4 + 4 * ndim])
+        data = np.frombuffer(content, dtype=np.uint8, offset=4 + 4 * ndim)
+        if data.size != int(np.prod(shape)):
+            raise ValueError(f"holds {data.size} values, its header promises {int(np.prod(shape))}")
+        return data.reshape(shape)
+    except FileNotFoundError:
+        raise DataError(f"missing data file {path}") from None
+    except (OSError, EOFError, ValueError, struct.error) as error:
+        raise DataError(f"corrupt or truncated IDX file {path}: {error}") from None
+
+
+def _read_pickle(path: str) -> dict:
+    try:
+        with open(path, "rb") as handle:
+            return pickle.load(handle, encoding="bytes")
+    except FileNotFoundError:
+        raise DataError(f"missing data file {path}") from None
+    except Exception as error:  # a truncated pickle raises EOFError, UnpicklingError, ...
+        raise DataError(
+            f"corrupt or truncated CIFAR batch file {path}: {type(error).__name__}: {error}"
+        ) from None
+
+
+def _cifar_batch(path: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    batch = _read_pickle(path)
+    try:
+        images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[label_key], dtype=np.int32)
+    except (KeyError, ValueError, TypeError) as error:
+        raise DataError(f"corrupt CIFAR batch file {path}: {type(error).__name__}: {error}") from None
+    if len(images) != len(labels):
+        raise DataError(f"corrupt CIFAR batch file {path}: {len(images)} images, {len(labels)} labels")
+    return images.transpose(0, 2, 3, 1), labels
+
+
+def _find_folder(data_dir: str, folder: str) -> str:
+    nested = os.path.join(data_dir, folder)
+    return nested if os.path.isdir(nested) else data_dir
+
+
+def read_local(name: str, data_dir: str) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Read ``(x_train, y_train), (x_test, y_test)`` from files in Keras' formats."""
+    if name == "mnist":
+        path = os.path.join(data_dir, "mnist.npz")
+        try:
+            with np.load(path) as archive:
+                return (archive["x_train"], archive["y_train"]), (archive["x_test"], archive["y_test"])
+        except FileNotFoundError:
+            raise DataError(f"missing data file {path} (mnist expects Keras' mnist.npz)") from None
+        except Exception as error:
+            raise DataError(f"corrupt or truncated {path}: {type(error).__name__}: {error}") from None
+    if name == "fashion_mnist":
+        missing = [f for f in FASHION_MNIST_FILES if not os.path.exists(os.path.join(data_dir, f))]
+        if missing:
+            raise DataError(
+                f"missing data files in {data_dir}: {', '.join(missing)} "
+                f"(fashion_mnist expects the four IDX files {', '.join(FASHION_MNIST_FILES)})"
+            )
+        y_train, x_train, y_test, x_test = (
+            read_idx(os.path.join(data_dir, f)) for f in FASHION_MNIST_FILES
+        )
+        return (x_train, y_train), (x_test, y_test)
+    if name == "cifar10":
+        folder = _find_folder(data_dir, "cifar-10-batches-py")
+        parts = [_cifar_batch(os.path.join(folder, f"data_batch_{i}"), b"labels") for i in range(1, 6)]
+        x_test, y_test = _cifar_batch(os.path.join(folder, "test_batch"), b"labels")
+        x_train = np.concatenate([images for images, _ in parts])
+        y_train = np.concatenate([labels for _, labels in parts])
+        return (x_train, y_train), (x_test, y_test)
+    if name == "cifar100":
+        folder = _find_folder(data_dir, "cifar-100-python")
+        train = _cifar_batch(os.path.join(folder, "train"), b"fine_labels")
+        test = _cifar_batch(os.path.join(folder, "test"), b"fine_labels")
+        return train, test
+    raise DataError(f"dataset={name!r} is not allowed: expected one of {', '.join(NUM_CLASSES)}")
+
+
+def read_with_keras(name: str):
+    """Keras' own loader: reads Keras' cache (~/.keras/datasets) or downloads."""
+    import keras
+
+    loader = getattr(keras.datasets, name)
+    try:
+        if name == "cifar100":
+            return loader.load_data(label_mode="fine")
+        return loader.load_data()
+    except Exception as error:
+        hint = (
+            f"; or install Debian's package: apt-get install {DEBIAN_FASHION_MNIST_PACKAGE}"
+            if name == "fashion_mnist"
+            else ""
+        )
+        raise DataError(
+            f"could not load {name} with Keras ({type(error).__name__}: {str(error)[:200]}); "
+            f"download it where there is internet, or pass data_dir=<folder with its files>{hint}"
+        ) from None
+
+
+def read_arrays(name: str, data_dir: str = ""):
+    """The raw arrays and a description of where they came from (see the module docstring)."""
+    if data_dir:
+        return read_local(name, data_dir), os.path.abspath(data_dir)
+    if name == "fashion_mnist" and os.path.isdir(DEBIAN_FASHION_MNIST_DIR):
+        return read_local(name, DEBIAN_FASHION_MNIST_DIR), DEBIAN_FASHION_MNIST_DIR
+    return read_with_keras(name), KERAS_ORIGINS[name]
+
+
+# --- the splits ---------------------------------------------------------------------------------
+
+
+def _as_split(name: str, images: np.ndarray, labels: np.ndarray, what: str) -> Split:
+    images = np.asarray(images)
+    labels = np.asarray(labels).reshape(-1).astype(np.int32)
+    expected = IMAGE_SHAPES[name]
+    if images.ndim == 3 and expected[2] == 1:
+        images = images[..., np.newaxis]
+    if images.shape[1:] != expected or images.dtype != np.uint8 or len(images) != len(labels):
+        raise DataError(
+            f"{name} {what} data has images {images.shape} {images.dtype} and {len(labels)} labels; "
+            f"expected uint8 images of shape (n, {', '.join(map(str, expected))}) and n labels"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES[name]):
+        raise DataError(
+            f"{name} {what} labels range over {labels.min()}..{labels.max()}; "
+            f"expected 0..{NUM_CLASSES[name] - 1}"
+        )
+    return Split(images, labels)
+
+
+def split(name: str, source: str, train, test, validation_size: int, seed: int, max_examples: int = 0) -> DataSplits:
+    """Hold out ``validation_size`` training examples, drawn without replacement with ``seed``.
+
+    ``max_examples`` > 0 then keeps at most that many examples of each split (the first of the
+    shuffled training and validation indices, the first of the test set).
+    """
+    full = _as_split(name, *train, "training")
+    test_split = _as_split(name, *test, "test")
+    if validation_size >= len(full):
+        raise DataError(
+            f"validation_size={validation_size} is not allowed: expected fewer than the "
+            f"{len(full)} training examples of {name}"
+        )
+    order = np.random.default_rng(seed).permutation(len(full))
+    validation_indices = order[:validation_size]
+    train_indices = np.sort(order[validation_size:])
+    limit = max_examples if max_examples > 0 else None
+    if limit is not None:
+        train_indices = np.sort(order[validation_size:][:limit])
+        validation_indices = validation_indices[:limit]
+    return DataSplits(
+        name=name,
+        source=source,
+        train=Split(full.images[train_indices], full.labels[train_indices]),
+        validation=Split(full.images[validation_indices], full.labels[validation_indices]),
+        test=Split(test_split.images[:limit], test_split.labels[:limit]),
+    )
+
+
+def load(name: str, data_dir: str = "", validation_size: int = 5000, seed: int = 0, max_examples: int = 0) -> DataSplits:
+    """Read a data set and split it. Raises DataError with a one-line message on any fault."""
+    if name not in NUM_CLASSES:
+        raise DataError(f"dataset={name!r} is not allowed: expected one of {', '.join(NUM_CLASSES)}")
+    (train, test), source = read_arrays(name, data_dir)
+    return split(name, source, train, test, validation_size, seed, max_examples)
+
+
+# --- the per-epoch pipeline ---------------------------------------------------------------------
+
+
+class EpochBatches:
+    """The training set, re-batched every epoch at whatever batch size the schedule sets.
+
+    Images live on the device as one ``uint8`` tensor; each epoch draws a seeded permutation
+    (seed, epoch), batches the indices, gathers and scales them inside the tf.data graph and
+    prefetches. Every example is seen once per epoch; the last batch may be smaller.
+    """
+
+    def __init__(self, split: Split, seed: int):
+        import tensorflow as tf
+
+        self._tf = tf
+        self.size = len(split)
+        self.seed = seed
+        self.batch_size = 1
+        self._images = tf.constant(split.images)
+        self._labels = tf.constant(split.labels)
+
+    def steps(self) -> int:
+        return -(-self.size // self.batch_size)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+
+    def dataset(self, epoch: int):
+        tf = self._tf
+        indices = tf.data.Dataset.from_tensor_slices(self.epoch_order(epoch).astype(np.int32))
+        return (
+            indices.batch(self.batch_size)
+            .map(self._gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+
+    def _gather(self, indices):
+        tf = self._tf
+        images = tf.cast(tf.gather(self._images, indices), tf.float32) / 255.0
+        return images, tf.gather(self._labels, indices)
+
+
+def evaluation_batches(split: Split, batch_size: int):
+    """A fixed, unshuffled tf.data pipeline over a split, scaled to [0, 1]."""
+    import tensorflow as tf
+
+    images = tf.constant(split.images)
+    labels = tf.constant(split.labels)
+    return (
+        tf.data.Dataset.range(len(split))
+        .batch(batch_size)
+        .map(lambda i: (tf.cast(tf.gather(images, i), tf.float32) / 255.0, tf.gather(labels, i)))
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def scale(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels to float32 in [0, 1], as the pipeline does."""
+    return images.astype(np.float32) / 255.0
+
+
+# --- making sure a data set is there (the main job's data step) --------------------------------
+
+
+def ensure_available(name: str, data_dir: str = "", install: bool = True) -> str:
+    """Make sure ``name`` can be read; return its source. For the main job's data step.
+
+    Tries the same sources as :func:`read_arrays`. Where Keras cannot download Fashion-MNIST
+    (no internet), installs Debian's package when running as root with apt-get, and otherwise
+    says exactly what to run.
+    """
+    try:
+        _, source = read_arrays(name, data_dir)
+        return source
+    except DataError as error:
+        if name != "fashion_mnist" or data_dir:
+            raise
+        first_error = error
+    if install and hasattr(os, "geteuid") and os.geteuid() == 0 and _which("apt-get"):
+        import subprocess
+
+        print(f"Keras could not download {name}; installing Debian's {DEBIAN_FASHION_MNIST_PACKAGE}")
+        subprocess.run(["apt-get", "update", "-qq"], check=False)
+        result = subprocess.run(
+            ["apt-get", "install", "-y", "-qq", DEBIAN_FASHION_MNIST_PACKAGE], check=False
+        )
+        if result.returncode == 0 and os.path.isdir(DEBIAN_FASHION_MNIST_DIR):
+            _, source = read_arrays(name, data_dir)
+            return source
+    raise DataError(
+        f"{first_error}. To install it: sudo apt-get install {DEBIAN_FASHION_MNIST_PACKAGE}"
+    )
+
+
+def _which(program: str) -> bool:
+    import shutil
+
+    return shutil.which(program) is not None
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m growing_batch.data",
+        description="Make sure a data set can be read (download, or Debian's local copy).",
+    )
+    parser.add_argument("--dataset", default="fashion_mnist", choices=sorted(NUM_CLASSES))
+    parser.add_argument("--data_dir", default="")
+    arguments = parser.parse_args(argv)
+    try:
+        source = ensure_available(arguments.dataset, arguments.data_dir)
+    except DataError as error:
+        print(f"error: {error}")
+        return 1
+    print(f"{arguments.dataset}: reading from {source}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

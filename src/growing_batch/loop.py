@@ -1,0 +1,217 @@
+"""The callback-driven training loop and the schedule callback.
+
+Keras' ``fit`` fixes the batch size for a whole call. This loop re-batches the training set every
+epoch instead, and otherwise behaves like ``fit``: every standard callback hook fires in the
+same order (``on_train_begin``, ``on_epoch_begin``, ``on_train_batch_begin/end``,
+``on_epoch_end``, ``on_train_end``), a progress bar shows each epoch, ``model.stop_training``
+ends training, and a ``History`` is returned.
+
+Policy lives in the schedule (a pure function of the epoch); the :class:`ScheduleCallback` only
+applies what it prescribes — learning rate and momentum to the optimizer, batch size to the
+pipeline — and records it. The train step is one ``tf.function`` whose batch dimension is
+unknown (``None``), so a new batch size never retraces it: :attr:`TrainStep.traces` counts.
+
+The loop knows nothing of MLflow; tracking is a callback (``growing_batch.tracking``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable, Mapping
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from growing_batch.data import EpochBatches
+from growing_batch.schedules import Schedule
+
+SCHEDULE_METRICS = ("learning_rate", "batch_size", "momentum", "noise_scale")
+
+
+def _optimizer_momentum(optimizer) -> float:
+    if hasattr(optimizer, "beta_1"):  # Adam's momentum
+        return float(optimizer.beta_1)
+    return float(getattr(optimizer, "momentum", 0.0))
+
+
+class ScheduleCallback(keras.callbacks.Callback):
+    """At the start of each epoch, applies the schedule's (ε, B, m) and records them.
+
+    ``applied`` holds the values in force this epoch, with the noise scale εN/(B(1 − m)); the
+    loop adds them to the epoch's logs.
+    """
+
+    def __init__(self, schedule: Schedule, batches: EpochBatches):
+        super().__init__()
+        self.schedule = schedule
+        self.batches = batches
+        self.applied: dict[str, float] = {}
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        step = self.schedule(epoch + 1)  # Keras counts epochs from 0, schedules from 1
+        optimizer = self.model.optimizer
+        optimizer.learning_rate = step.learning_rate
+        current_momentum = _optimizer_momentum(optimizer)
+        if not np.isclose(step.momentum, current_momentum, rtol=0, atol=1e-12):
+            raise ValueError(
+                f"The schedule sets momentum {step.momentum} at epoch {epoch + 1}, but the "
+                f"optimizer's momentum is fixed at {current_momentum} when its train step is "
+                "compiled; build the optimizer with the schedule's momentum."
+            )
+        self.batches.batch_size = step.batch_size
+        if isinstance(self.params, dict):
+            self.params["steps"] = self.batches.steps()  # read by the progress bar
+        self.applied = {
+            "learning_rate": float(step.learning_rate),
+            "batch_size": int(step.batch_size),
+            "momentum": float(step.momentum),
+            "noise_scale": step.noise_scale(self.batches.size),
+        }
+
+
+class EpochProgbarLogger(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar, reading the number of steps anew each epoch (it changes with B)."""
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.params = params  # Keras' ProgbarLogger copies what it needs and keeps no reference
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.target = self.params.get("steps")
+        super().on_epoch_begin(epoch, logs)
+
+
+class TrainStep:
+    """One compiled SGD step over a batch of any size; counts how often it is traced."""
+
+    def __init__(self, model: keras.Model, loss: keras.losses.Loss):
+        self.model = model
+        self.loss = loss
+        self.traces = 0
+        self.loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        self.correct = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.count = tf.Variable(0, dtype=tf.int64, trainable=False)
+        image_spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+        label_spec = tf.TensorSpec((None,), tf.int32)
+        self.function = tf.function(self._step, input_signature=[image_spec, label_spec])
+
+    def reset(self) -> None:
+        self.loss_sum.assign(0.0)
+        self.correct.assign(0)
+        self.count.assign(0)
+
+    def _step(self, images, labels):
+        self.traces += 1  # Python side effect: runs once per trace, not per call
+        with tf.GradientTape() as tape:
+            logits = self.model(images, training=True)
+            loss = self.loss(labels, logits)
+            total = loss + tf.add_n(self.model.losses) if self.model.losses else loss
+        variables = self.model.trainable_variables
+        gradients = tape.gradient(total, variables)
+        self.model.optimizer.apply(gradients, variables)
+        size = tf.shape(labels, out_type=tf.int64)[0]
+        hits = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.int64))
+        self.loss_sum.assign_add(tf.cast(loss, tf.float64) * tf.cast(size, tf.float64))
+        self.correct.assign_add(hits)
+        self.count.assign_add(size)
+        count = tf.cast(self.count, tf.float64)
+        return {"train_loss": self.loss_sum / count, "train_accuracy": tf.cast(self.correct, tf.float64) / count}
+
+    def __call__(self, images, labels):
+        return self.function(images, labels)
+
+
+class Evaluator:
+    """Mean loss and accuracy of the model over a fixed pipeline, one compiled step."""
+
+    def __init__(self, model: keras.Model):
+        self.model = model
+        image_spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+        label_spec = tf.TensorSpec((None,), tf.int32)
+        self.function = tf.function(self._step, input_signature=[image_spec, label_spec])
+
+    def _step(self, images, labels):
+        logits = self.model(images, training=False)
+        losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        hits = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
+        return tf.reduce_sum(tf.cast(losses, tf.float64)), tf.reduce_sum(tf.cast(hits, tf.int64))
+
+    def __call__(self, dataset) -> tuple[float, float]:
+        loss_sum, correct, count = 0.0, 0, 0
+        for images, labels in dataset:
+            batch_loss, batch_correct = self.function(images, labels)
+            loss_sum += float(batch_loss)
+            correct += int(batch_correct)
+            count += int(labels.shape[0])
+        return loss_sum / count, correct / count
+
+
+def fit(
+    model: keras.Model,
+    batches: EpochBatches,
+    schedule_callback: ScheduleCallback,
+    *,
+    epochs: int,
+    evaluation: Mapping[str, object] | None = None,
+    callbacks: Iterable[keras.callbacks.Callback] = (),
+    verbose: int = 1,
+) -> keras.callbacks.History:
+    """Train ``model`` (compiled with an optimizer and a loss) for ``epochs`` epochs.
+
+    ``evaluation`` maps a prefix to a pipeline (``{"val": ..., "test": ...}``) evaluated after each
+    epoch as ``<prefix>_loss`` and ``<prefix>_accuracy``. Each epoch's logs also hold the
+    schedule's ``learning_rate``, ``batch_size``, ``momentum``, ``noise_scale``, the cumulative
+    ``updates`` and ``examples_seen``, and ``epoch_seconds`` (the training pass) with
+    ``examples_per_second``.
+    """
+    if schedule_callback.batches is not batches:
+        raise ValueError("schedule_callback must drive the same EpochBatches that fit trains on.")
+    train_step = TrainStep(model, model.loss)
+    evaluator = Evaluator(model)
+    callback_list = keras.callbacks.CallbackList(
+        [schedule_callback, *callbacks, EpochProgbarLogger()],
+        add_history=True,
+        model=model,
+        verbose=verbose,
+        epochs=epochs,
+        steps=None,
+    )
+    model.train_step_function = train_step  # for inspection (trace count) by tests and benchmarks
+    model.stop_training = False
+    updates, examples_seen = 0, 0
+    epoch_logs: dict = {}
+    callback_list.on_train_begin()
+    for epoch in range(epochs):
+        callback_list.on_epoch_begin(epoch)
+        train_step.reset()
+        started = time.perf_counter()
+        batch_logs = {}
+        for batch, (images, labels) in enumerate(batches.dataset(epoch)):
+            callback_list.on_train_batch_begin(batch)
+            batch_logs = train_step(images, labels)
+            callback_list.on_train_batch_end(batch, batch_logs)
+        epoch_examples = int(train_step.count.numpy())  # waits for the last step to finish
+        epoch_seconds = time.perf_counter() - started
+        updates += batches.steps()
+        examples_seen += epoch_examples
+        epoch_logs = {
+            "train_loss": float(train_step.loss_sum.numpy()) / epoch_examples,
+            "train_accuracy": int(train_step.correct.numpy()) / epoch_examples,
+        }
+        for prefix, dataset in (evaluation or {}).items():
+            epoch_logs[f"{prefix}_loss"], epoch_logs[f"{prefix}_accuracy"] = evaluator(dataset)
+        epoch_logs.update(schedule_callback.applied)
+        epoch_logs.update(
+            {
+                "updates": updates,
+                "examples_seen": examples_seen,
+                "epoch_seconds": epoch_seconds,
+                "examples_per_second": epoch_examples / epoch_seconds,
+            }
+        )
+        callback_list.on_epoch_end(epoch, epoch_logs)
+        if model.stop_training:
+            break
+    callback_list.on_train_end(epoch_logs)
+    return model.history

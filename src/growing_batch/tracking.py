@@ -1,0 +1,211 @@
+"""Tracking: everything that talks to MLflow during a run.
+
+The tracking store is MLflow's default (``sqlite:///mlflow.db`` in the working directory) unless
+``MLFLOW_TRACKING_URI`` is set. A run started by ``mlflow run`` already exists when the training
+script starts (``MLFLOW_RUN_ID``); :func:`start_run` continues it, and otherwise creates one.
+
+What a run holds:
+
+* params — every config field under its own name (``mlflow run`` has logged the ones it declares
+  before the script starts; they are left as they are) and what the data fixed:
+  ``train_examples`` (N), ``validation_examples``, ``test_examples``, ``resolved_max_batch_size``;
+* tags — ``schedule``, ``dataset``, ``model``, ``git_commit`` and a readable run name;
+* metrics at ``step = epoch`` (counted from 1) — see :data:`EPOCH_METRICS`; plus MLflow's system
+  metrics (CPU, memory; GPU where one is present and ``nvidia-ml-py`` is installed);
+* inputs — the train, validation and test splits as MLflow datasets;
+* artifacts — ``config.json``, ``history.csv``, ``schedule.png``, ``training_curves.png`` and the
+  trained model (``model``, MLflow's Keras flavour, with a signature).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import tempfile
+import time
+import warnings
+
+import keras
+import mlflow
+import numpy as np
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from growing_batch import plots
+from growing_batch.config import Config, format_value
+
+EPOCH_METRICS = (
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "learning_rate",
+    "batch_size",
+    "momentum",
+    "noise_scale",
+    "updates",
+    "examples_seen",
+    "epoch_seconds",
+    "examples_per_second",
+)
+SYSTEM_METRICS_INTERVAL_SECONDS = 5
+PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _number(value: float) -> str:
+    return format(value, "g")
+
+
+def run_name(config: Config) -> str:
+    """A readable name, e.g. ``batch-growth b128x1.037 lr0.1 s0``."""
+    batch = f"b{config.batch_size}"
+    rate = f"lr{_number(config.learning_rate)}"
+    if config.schedule == "lr-decay":
+        rate += f"x{_number(config.lr_decay)}"
+    elif config.schedule == "batch-growth":
+        batch += f"x{_number(config.batch_growth)}"
+    elif config.schedule == "noise-matched":
+        batch += f"x{_number(round(1 / config.lr_decay, 4))}"
+    elif config.schedule in ("step-lr", "step-batch", "step-hybrid"):
+        rate += f" /{_number(config.step_factor)}@{format_value(config.milestones)}"
+    if config.optimizer != "sgd" or config.momentum:
+        rate += f" {config.optimizer}{'-nesterov' if config.nesterov else ''} m{_number(config.momentum)}"
+    return f"{config.schedule} {batch} {rate} s{config.seed}"
+
+
+def git_commit() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def start_run(config: Config) -> mlflow.ActiveRun:
+    """Continue the run ``mlflow run`` created, or start a new one; name, tag and log params."""
+    mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_SECONDS)
+    active = mlflow.start_run(run_name=run_name(config), log_system_metrics=True)
+    tags = {"schedule": config.schedule, "dataset": config.dataset, "model": config.model}
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    mlflow.set_tags(tags)
+    log_config_params(active.info.run_id, config)
+    return active
+
+
+def log_config_params(run_id: str, config: Config) -> None:
+    """Log every config field as a param, except those ``mlflow run`` has already logged."""
+    client = MlflowClient()
+    existing = client.get_run(run_id).data.params
+    missing = {name: text for name, text in config.to_params().items() if name not in existing}
+    if missing:
+        mlflow.log_params(missing)
+
+
+def log_data(splits, resolved_max_batch_size: int) -> None:
+    """Record N and the other split sizes as params, and each split as an MLflow dataset input."""
+    mlflow.log_params(
+        {
+            "train_examples": len(splits.train),
+            "validation_examples": len(splits.validation),
+            "test_examples": len(splits.test),
+            "resolved_max_batch_size": resolved_max_batch_size,
+        }
+    )
+    for context, part in (("train", splits.train), ("validation", splits.validation), ("test", splits.test)):
+        if len(part) == 0:
+            continue
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice and says so
+            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+            dataset = mlflow.data.from_numpy(
+                part.images, targets=part.labels, source=splits.source, name=f"{splits.name}-{context}"
+            )
+        mlflow.log_input(dataset, context=context)
+
+
+def log_text_artifact(text: str, artifact_file: str) -> None:
+    mlflow.log_text(text, artifact_file)
+
+
+def history_csv(rows: list[dict]) -> str:
+    """The per-epoch history as CSV, one row per epoch, columns in a stable order."""
+    columns = ["epoch"] + [name for name in EPOCH_METRICS if any(name in row for row in rows)]
+    columns += sorted({key for row in rows for key in row} - set(columns))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+class TrackingCallback(keras.callbacks.Callback):
+    """Logs each epoch's metrics at ``step = epoch`` (from 1) and, at the end, the history files.
+
+    All numbers in the epoch's logs are logged, in one batched call per epoch.
+    """
+
+    def __init__(self, run_id: str):
+        super().__init__()
+        self.run_id = run_id
+        self.client = MlflowClient()
+        self.rows: list[dict] = []
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        step = epoch + 1
+        timestamp = int(time.time() * 1000)
+        numbers = {
+            key: float(value)
+            for key, value in (logs or {}).items()
+            if isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+        }
+        self.rows.append({"epoch": step, **numbers})
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric(key, value, timestamp, step) for key, value in numbers.items()],
+            synchronous=True,
+        )
+
+    def on_train_end(self, logs=None) -> None:
+        log_history(self.rows)
+
+
+def log_history(rows: list[dict]) -> None:
+    """``history.csv``, ``schedule.png`` and ``training_curves.png`` of the active run."""
+    if not rows:
+        return
+    mlflow.log_text(history_csv(rows), "history.csv")
+    for figure, name in ((plots.schedule_figure(rows), "schedule.png"), (plots.training_curves_figure(rows), "training_curves.png")):
+        mlflow.log_figure(figure, name)
+        plots.close(figure)
+
+
+def log_model(model: keras.Model, sample_images: np.ndarray) -> None:
+    """The trained model in MLflow's Keras flavour, with a signature inferred from a sample."""
+    import tensorflow as tf
+    from mlflow.models import infer_signature
+
+    sample = np.asarray(sample_images[:8], dtype=np.float32)
+    signature = infer_signature(sample, np.asarray(model(sample, training=False)))
+    mlflow.keras.log_model(
+        model,
+        name="model",
+        signature=signature,
+        pip_requirements=[
+            f"keras=={keras.__version__}",
+            f"tensorflow=={tf.__version__}",
+            f"mlflow=={mlflow.__version__}",
+        ],
+    )
+
+
+def log_resolved_config(config: Config, extra: dict) -> None:
+    mlflow.log_dict({**config.to_dict(), **extra}, "config.json")
