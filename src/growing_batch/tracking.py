@@ -53,6 +53,7 @@ EPOCH_METRICS = (
     "epoch_seconds",
     "examples_per_second",
 )
+# Seconds between system-metric samples, unless MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise.
 SYSTEM_METRICS_INTERVAL_SECONDS = 5
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -90,7 +91,8 @@ def git_commit() -> str | None:
 
 def start_run(config: Config) -> mlflow.ActiveRun:
     """Continue the run ``mlflow run`` created, or start a new one; name, tag and log params."""
-    mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_SECONDS)
+    if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_SECONDS)
     active = mlflow.start_run(run_name=run_name(config), log_system_metrics=True)
     tags = {"schedule": config.schedule, "dataset": config.dataset, "model": config.model}
     commit = git_commit()

@@ -1,0 +1,95 @@
+"""Config: parsing, validation, one-line errors, and one name per concept."""
+
+import dataclasses
+
+import pytest
+
+from growing_batch import config as config_module
+from growing_batch.config import Config, ConfigError, from_args, from_strings, validate, validate_against_data
+
+
+def test_defaults_are_valid():
+    assert validate(Config()) == Config()
+
+
+def test_command_line_parses_every_type():
+    config = from_args(
+        ["--schedule", "step-batch", "--learning_rate", "1e-3", "--batch_size", "256.0", "--milestones", "5, 10,20",
+         "--nesterov", "true", "--momentum", "0.9", "--data_dir", "", "--max_examples", "64"]
+    )
+    assert config.schedule == "step-batch"
+    assert config.learning_rate == 0.001
+    assert config.batch_size == 256 and isinstance(config.batch_size, int)
+    assert config.milestones == (5, 10, 20)
+    assert config.nesterov is True
+    assert config.data_dir == ""
+    assert config.max_examples == 64
+
+
+def test_params_round_trip_through_their_text():
+    config = Config(milestones=(3, 7), nesterov=True, momentum=0.9, learning_rate=0.25)
+    assert from_strings(config.to_params()) == config
+    assert config.to_params()["milestones"] == "3,7"
+    assert config.to_params()["nesterov"] == "true"
+
+
+BAD_INPUTS = [
+    (["--learning_rate", "0"], "learning_rate='0.0' is not allowed: expected a number > 0"),
+    (["--learning_rate", "-0.1"], "learning_rate='-0.1'"),
+    (["--learning_rate", "abc"], "learning_rate='abc' is not allowed: expected a number"),
+    (["--learning_rate", "nan"], "learning_rate='nan' is not allowed: expected a finite number"),
+    (["--batch_size", "0"], "batch_size='0' is not allowed: expected a whole number >= 1"),
+    (["--batch_size", "12.5"], "batch_size='12.5' is not allowed: expected a whole number"),
+    (["--schedule", "batch-growth", "--batch_growth", "0.9"], "batch_growth='0.9' is not allowed: expected a number >= 1"),
+    (["--lr_decay", "1.5"], "lr_decay='1.5' is not allowed: expected a number in (0, 1]"),
+    (["--lr_decay", "0"], "lr_decay='0.0'"),
+    (["--dataset", "imagenet"], "dataset='imagenet' is not allowed: expected one of fashion_mnist, mnist, cifar10, cifar100"),
+    (["--model", "resnet"], "model='resnet' is not allowed: expected one of small-cnn"),
+    (["--schedule", "cosine"], "schedule='cosine' is not allowed: expected one of constant, lr-decay"),
+    (["--optimizer", "rmsprop"], "optimizer='rmsprop' is not allowed"),
+    (["--milestones", "60,30"], "milestones='60,30' is not allowed: expected comma-separated whole numbers >= 1 in strictly increasing order"),
+    (["--milestones", "60,60"], "milestones='60,60'"),
+    (["--milestones", "0,5"], "milestones='0,5'"),
+    (["--milestones", "a,b"], "milestones='a' is not allowed: expected a whole number"),
+    (["--schedule", "step-lr", "--milestones", ""], "milestones='' is not allowed: expected at least one milestone for schedule step-lr"),
+    (["--step_factor", "0.5"], "step_factor='0.5' is not allowed: expected a number >= 1"),
+    (["--momentum", "1"], "momentum='1.0' is not allowed: expected a number in [0, 1)"),
+    (["--nesterov", "maybe"], "nesterov='maybe' is not allowed: expected true or false"),
+    (["--nesterov", "true"], "nesterov='true' is not allowed: expected false unless optimizer is sgd with momentum > 0"),
+    (["--epochs", "0"], "epochs='0' is not allowed: expected a whole number >= 1"),
+    (["--seed", "-1"], "seed='-1'"),
+    (["--validation_size", "-5"], "validation_size='-5'"),
+    (["--max_examples", "-1"], "max_examples='-1'"),
+    (["--max_batch_size", "64"], "max_batch_size='64' is not allowed: expected 0 (N/10) or a whole number >= batch_size (128)"),
+    (["--data_dir", "/no/such/folder"], "data_dir='/no/such/folder' is not allowed: expected an existing folder"),
+    (["--learning_rates", "0.1"], "unrecognized arguments: --learning_rates 0.1"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(argv) for argv, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_naming_parameter_value_and_what_is_allowed(argv, message):
+    with pytest.raises(ConfigError) as raised:
+        from_args(argv)
+    text = str(raised.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_checks_against_the_data():
+    validate_against_data(Config(batch_size=100), train_size=100)
+    with pytest.raises(ConfigError, match="batch_size='101' is not allowed: expected at most the 100 training examples"):
+        validate_against_data(Config(batch_size=101), train_size=100)
+    with pytest.raises(ConfigError, match="max_batch_size='500'"):
+        validate_against_data(Config(max_batch_size=500), train_size=400)
+
+
+def test_every_field_has_help_and_a_flag():
+    parser = config_module.make_parser()
+    flags = {action.dest for action in parser._actions} - {"help"}
+    assert flags == {field.name for field in dataclasses.fields(Config)}
+    assert all(field.metadata["help"] for field in dataclasses.fields(Config))
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().epochs = 3

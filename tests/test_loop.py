@@ -1,0 +1,156 @@
+"""The callback-driven loop: schedules applied per epoch, Keras hooks in order, one trace."""
+
+import functools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from growing_batch import data, loop, models, schedules
+
+
+@pytest.fixture(scope="module")
+def splits(fashion_dir):
+    return data.load("fashion_mnist", fashion_dir, validation_size=40, seed=0)
+
+
+def make_model(splits, learning_rate=0.1, momentum=0.0, seed=0):
+    keras.utils.set_random_seed(seed)
+    model = models.build("small-cnn", splits.image_shape, splits.num_classes, seed)
+    return models.compile_for_training(model, models.build_optimizer("sgd", learning_rate, momentum))
+
+
+class Recorder(keras.callbacks.Callback):
+    """Records every hook, and the learning rate and batch size each batch actually saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.batch_sizes, self.rates = [], {}, {}
+        self.epoch = None
+
+    def on_train_begin(self, logs=None):
+        self.calls.append("train_begin")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        self.calls.append(f"epoch_begin {epoch}")
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.calls.append(f"batch_begin {batch}")
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.calls.append(f"batch_end {batch}")
+        self.rates.setdefault(self.epoch, set()).add(float(self.model.optimizer.learning_rate.numpy()))
+        assert set(logs) == {"train_loss", "train_accuracy"}
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.calls.append(f"epoch_end {epoch}")
+        self.batch_sizes[epoch] = logs["batch_size"]
+
+    def on_train_end(self, logs=None):
+        self.calls.append("train_end")
+
+
+def train(splits, schedule, epochs, callbacks=(), model=None):
+    model = model or make_model(splits)
+    batches = data.EpochBatches(splits.train, seed=0)
+    evaluation = {"val": data.evaluation_batches(splits.validation, 64), "test": data.evaluation_batches(splits.test, 64)}
+    history = loop.fit(model, batches, loop.ScheduleCallback(schedule, batches), epochs=epochs,
+                       evaluation=evaluation, callbacks=callbacks, verbose=0)
+    return model, history
+
+
+def test_growing_batch_is_applied_every_epoch_without_retracing(splits):
+    n = len(splits.train)  # 200
+    schedule = functools.partial(schedules.batch_growth, learning_rate=0.05, batch_size=8, batch_growth=2.0, max_batch_size=n)
+    recorder = Recorder()
+    model, history = train(splits, schedule, epochs=5, callbacks=[recorder])
+    expected_sizes = [8, 16, 32, 64, 128]
+    assert history.history["batch_size"] == expected_sizes
+    assert recorder.batch_sizes == dict(enumerate(expected_sizes))
+    steps = [-(-n // size) for size in expected_sizes]  # 25, 13, 7, 4, 2
+    assert history.history["updates"] == list(np.cumsum(steps))
+    assert history.history["examples_seen"] == [n * (epoch + 1) for epoch in range(5)]
+    assert model.train_step_function.traces == 1  # five batch sizes (and partial batches), one trace
+    assert int(model.optimizer.iterations.numpy()) == sum(steps)
+
+
+def test_learning_rate_follows_the_schedule_in_the_optimizer(splits):
+    schedule = functools.partial(schedules.lr_decay, learning_rate=0.1, batch_size=50, lr_decay=0.5)
+    recorder = Recorder()
+    _, history = train(splits, schedule, epochs=3, callbacks=[recorder])
+    assert history.history["learning_rate"] == [0.1, 0.05, 0.025]
+    assert {epoch: len(rates) for epoch, rates in recorder.rates.items()} == {0: 1, 1: 1, 2: 1}
+    assert [rates.pop() for _, rates in sorted(recorder.rates.items())] == pytest.approx([0.1, 0.05, 0.025])
+    assert history.history["noise_scale"] == pytest.approx([0.1 * 200 / 50, 0.05 * 200 / 50, 0.025 * 200 / 50])
+
+
+def test_callback_hooks_fire_in_keras_order(splits):
+    schedule = functools.partial(schedules.batch_growth, learning_rate=0.05, batch_size=100, batch_growth=2.0, max_batch_size=200)
+    recorder = Recorder()
+    train(splits, schedule, epochs=2, callbacks=[recorder])
+    assert recorder.calls == [
+        "train_begin",
+        "epoch_begin 0", "batch_begin 0", "batch_end 0", "batch_begin 1", "batch_end 1", "epoch_end 0",
+        "epoch_begin 1", "batch_begin 0", "batch_end 0", "epoch_end 1",
+        "train_end",
+    ]
+
+
+def test_epoch_logs_hold_every_metric(splits):
+    schedule = functools.partial(schedules.constant, learning_rate=0.05, batch_size=32)
+    _, history = train(splits, schedule, epochs=2)
+    assert set(history.history) == {
+        "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
+        "learning_rate", "batch_size", "momentum", "noise_scale", "updates", "examples_seen",
+        "epoch_seconds", "examples_per_second",
+    }
+    assert all(len(values) == 2 for values in history.history.values())
+
+
+def test_it_learns_the_toy_problem(splits):
+    schedule = functools.partial(schedules.constant, learning_rate=0.1, batch_size=16)
+    _, history = train(splits, schedule, epochs=4)
+    assert history.history["train_loss"][-1] < 0.5 * history.history["train_loss"][0]
+    assert history.history["test_accuracy"][-1] > 0.5  # chance is 0.1
+
+
+def test_stop_training_ends_the_loop(splits):
+    class StopAfterFirst(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            self.model.stop_training = True
+
+    schedule = functools.partial(schedules.constant, learning_rate=0.1, batch_size=100)
+    _, history = train(splits, schedule, epochs=5, callbacks=[StopAfterFirst()])
+    assert len(history.history["updates"]) == 1
+
+
+def test_one_full_batch_epoch_is_one_plain_sgd_step(splits):
+    """The train step applies w <- w - ε · mean gradient over the batch, nothing else."""
+    n = len(splits.train)
+    model = make_model(splits, learning_rate=0.3)
+    before = [w.numpy().copy() for w in model.trainable_variables]
+    images, labels = data.scale(splits.train.images), splits.train.labels
+    with tf.GradientTape() as tape:
+        loss = keras.losses.sparse_categorical_crossentropy(labels, model(images, training=True), from_logits=True)
+        loss = tf.reduce_mean(loss)
+    gradients = tape.gradient(loss, model.trainable_variables)
+    train(splits, functools.partial(schedules.constant, learning_rate=0.3, batch_size=n), epochs=1, model=model)
+    for start, gradient, after in zip(before, gradients, model.trainable_variables):
+        np.testing.assert_allclose(after.numpy(), start - 0.3 * gradient.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_momentum_change_the_optimizer_cannot_apply_is_an_error(splits):
+    schedule = functools.partial(schedules.constant, learning_rate=0.1, batch_size=100, momentum=0.9)
+    with pytest.raises(ValueError, match="sets momentum 0.9 at epoch 1, but the optimizer's momentum is fixed at 0.0"):
+        train(splits, schedule, epochs=1)
+
+
+def test_schedule_callback_must_drive_the_trained_batches(splits):
+    model = make_model(splits)
+    batches = data.EpochBatches(splits.train, seed=0)
+    other = data.EpochBatches(splits.train, seed=0)
+    schedule = functools.partial(schedules.constant, learning_rate=0.1, batch_size=100)
+    with pytest.raises(ValueError, match="same EpochBatches"):
+        loop.fit(model, batches, loop.ScheduleCallback(schedule, other), epochs=1, verbose=0)
