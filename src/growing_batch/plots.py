@@ -33,6 +33,8 @@ def schedule_figure(rows: list[dict], title: str = ""):
         axis.set_xlabel("epoch")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
+    axes[0].set_ylim(bottom=0)  # from zero, so ε's rounding wiggles in noise-matched look as small as they are
+    axes[1].set_ylim(bottom=0)
     axes[2].set_yscale("log")
     figure.suptitle(title or "schedule")
     return figure

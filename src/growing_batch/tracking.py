@@ -133,10 +133,6 @@ def log_data(splits, resolved_max_batch_size: int) -> None:
         mlflow.log_input(dataset, context=context)
 
 
-def log_text_artifact(text: str, artifact_file: str) -> None:
-    mlflow.log_text(text, artifact_file)
-
-
 def history_csv(rows: list[dict]) -> str:
     """The per-epoch history as CSV, one row per epoch, columns in a stable order."""
     columns = ["epoch"] + [name for name in EPOCH_METRICS if any(name in row for row in rows)]
@@ -155,9 +151,10 @@ class TrackingCallback(keras.callbacks.Callback):
     All numbers in the epoch's logs are logged, in one batched call per epoch.
     """
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, title: str = ""):
         super().__init__()
         self.run_id = run_id
+        self.title = title
         self.client = MlflowClient()
         self.rows: list[dict] = []
 
@@ -177,16 +174,21 @@ class TrackingCallback(keras.callbacks.Callback):
         )
 
     def on_train_end(self, logs=None) -> None:
-        log_history(self.rows)
+        log_history(self.run_id, self.rows, self.title)
 
 
-def log_history(rows: list[dict]) -> None:
-    """``history.csv``, ``schedule.png`` and ``training_curves.png`` of the active run."""
+def log_history(run_id: str, rows: list[dict], title: str = "") -> None:
+    """``history.csv``, ``schedule.png`` and ``training_curves.png`` of the run."""
     if not rows:
         return
-    mlflow.log_text(history_csv(rows), "history.csv")
-    for figure, name in ((plots.schedule_figure(rows), "schedule.png"), (plots.training_curves_figure(rows), "training_curves.png")):
-        mlflow.log_figure(figure, name)
+    client = MlflowClient()
+    client.log_text(run_id, history_csv(rows), "history.csv")
+    figures = {
+        "schedule.png": plots.schedule_figure(rows, f"schedule: {title}" if title else ""),
+        "training_curves.png": plots.training_curves_figure(rows, title),
+    }
+    for name, figure in figures.items():
+        client.log_figure(run_id, figure, name)
         plots.close(figure)
 
 

@@ -92,7 +92,7 @@ def train(config: Config, extra_callbacks: Sequence = (), verbose: int = 1) -> i
             loop.ScheduleCallback(schedule, batches),
             epochs=config.epochs,
             evaluation=evaluation,
-            callbacks=[*extra_callbacks, tracking.TrackingCallback(run_id)],
+            callbacks=[*extra_callbacks, tracking.TrackingCallback(run_id, tracking.run_name(config))],
             verbose=verbose,
         )
         tracking.log_model(model, data.scale(splits.train.images[:8]))
