@@ -51,7 +51,13 @@ BAD_INPUTS = [
     (["--milestones", "60,60"], "milestones='60,60'"),
     (["--milestones", "0,5"], "milestones='0,5'"),
     (["--milestones", "a,b"], "milestones='a' is not allowed: expected a whole number"),
-    (["--schedule", "step-lr", "--milestones", ""], "milestones='' is not allowed: expected at least one milestone for schedule step-lr"),
+    (["--preset", "paper"], "preset='paper' is not allowed: expected empty or one of repro-lrd"),
+    (["--weight_decay", "-1e-4"], "weight_decay='-0.0001' is not allowed: expected a number >= 0"),
+    (["--ghost_batch_size", "128"], "ghost_batch_size='128' is not allowed: expected 0 for model small-cnn, which has no batch norm"),
+    (["--model", "wrn-16-4", "--ghost_batch_size", "-1"], "ghost_batch_size='-1'"),
+    (["--model", "wrn-16-4", "--ghost_batch_size", "128", "--max_device_batch_size", "200"],
+     "max_device_batch_size='200' is not allowed: expected a multiple of ghost_batch_size (128)"),
+    (["--augment", "sometimes"], "augment='sometimes' is not allowed: expected true or false"),
     (["--step_factor", "0.5"], "step_factor='0.5' is not allowed: expected a number >= 1"),
     (["--momentum", "1"], "momentum='1.0' is not allowed: expected a number in [0, 1)"),
     (["--nesterov", "maybe"], "nesterov='maybe' is not allowed: expected true or false"),
@@ -73,6 +79,13 @@ def test_bad_input_is_one_line_naming_parameter_value_and_what_is_allowed(argv, 
     text = str(raised.value)
     assert message in text
     assert "\n" not in text
+
+
+def test_step_schedules_need_a_milestone():
+    # from the command line an empty value means "not given" (the default 60,120,160 applies)
+    assert from_args(["--schedule", "step-lr", "--milestones", ""]).milestones == (60, 120, 160)
+    with pytest.raises(ConfigError, match="milestones='' is not allowed: expected at least one milestone for schedule step-lr"):
+        validate(Config(schedule="step-lr", milestones=()))
 
 
 def test_checks_against_the_data():

@@ -10,7 +10,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from growing_batch import schedules, train
-from growing_batch.config import Config
+from growing_batch import config as config_module
+from growing_batch.config import Config, ConfigError
 from growing_batch.tracking import EPOCH_METRICS
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,8 +94,11 @@ def test_runs_hold_params_tags_inputs_artifacts_and_model(schedule_runs):
     run_id = run.info.run_id
     params = run.data.params
     for field in Config.__dataclass_fields__:
-        assert field in params, field
-    assert params["schedule"] == "noise-matched"
+        assert field in params, field  # as given (mlflow run logged them)
+        assert f"resolved.{field}" in params, field  # as used
+    assert params["schedule"] == "noise-matched" and params["resolved.schedule"] == "noise-matched"
+    assert params["preset"] == "''" and params["resolved.preset"] == ""  # MLflow logs an empty value quoted
+    assert params["resolved.momentum"] == "0.0" and params["resolved.epochs"] == "2"
     assert (params["train_examples"], params["validation_examples"], params["test_examples"]) == ("200", "40", "80")
     assert params["resolved_max_batch_size"] == "20"
     tags = run.data.tags
@@ -161,6 +165,30 @@ def test_corrupt_data_file_through_mlflow_run(tmp_path, fashion_dir):
     assert "error: corrupt or truncated IDX file" in process.stderr
     assert "Traceback" not in process.stderr.split("=== Running command")[-1].split("mlflow.cli")[0]
     assert [run.info.status for run in runs(uri)] == ["FAILED"]
+
+
+@pytest.mark.e2e
+def test_a_preset_with_overrides_through_mlflow_run_logs_what_it_resolved_to(tmp_path, fashion_dir):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    process = mlflow_run(tmp_path, uri, {"preset": "repro-ibs", "dataset": "fashion_mnist", "epochs": 2,
+                                         "data_dir": fashion_dir, "validation_size": 40, "max_batch_size": 200})
+    assert process.returncode == 0, process.stderr[-3000:]
+    (run,) = runs(uri)
+    params = run.data.params
+    assert (params["preset"], params["epochs"], params["batch_growth"]) == ("repro-ibs", "2", "''")
+    resolved = {key[len("resolved."):]: value for key, value in params.items() if key.startswith("resolved.")}
+    assert resolved == Config(preset="repro-ibs", schedule="batch-growth", dataset="fashion_mnist", epochs=2,
+                              validation_size=40, data_dir=fashion_dir, max_batch_size=200).to_params()
+    client = MlflowClient(uri)
+    sizes = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "batch_size"), key=lambda m: m.step)]
+    assert sizes == [128, 132]
+
+
+def test_a_cap_below_the_initial_batch_is_rejected(tracking_uri, fashion_dir):
+    # N = 200, so the default cap N/10 = 20 is below the preset's B0 = 128
+    with pytest.raises(ConfigError, match="max_batch_size='0' is not allowed: it resolves to N/10 = 20, below batch_size"):
+        train.train(config_module.from_args(["--preset", "repro-ibs", "--dataset", "fashion_mnist", "--data_dir",
+                                             fashion_dir, "--validation_size", "40"]))
 
 
 def test_main_marks_the_run_mlflow_run_created_failed(tracking_uri, monkeypatch):

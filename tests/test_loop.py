@@ -154,3 +154,54 @@ def test_schedule_callback_must_drive_the_trained_batches(splits):
     schedule = functools.partial(schedules.constant, learning_rate=0.1, batch_size=100)
     with pytest.raises(ValueError, match="same EpochBatches"):
         loop.fit(model, batches, loop.ScheduleCallback(schedule, other), epochs=1, verbose=0)
+
+
+def test_one_accumulated_update_equals_one_full_batch_update():
+    """Micro-batches of 32 with gradient accumulation give the update of the whole batch of 96."""
+    rng = np.random.default_rng(0)
+    images = rng.random((96, 8, 8, 3)).astype(np.float32)
+    labels = rng.integers(0, 4, 96).astype(np.int32)
+
+    def one_update(max_device_batch_size):
+        keras.utils.set_random_seed(0)
+        model = models.wide_resnet((8, 8, 3), 4, depth=10, width=1, ghost_batch_size=16, weight_decay=5e-4, seed=0)
+        models.compile_for_training(model, models.build_optimizer("sgd", 0.5, momentum=0.9))
+        step = loop.TrainStep(model, model.loss, max_device_batch_size)
+        logs = step(tf.constant(images), tf.constant(labels))
+        return [w.numpy() for w in model.trainable_variables], {k: float(v) for k, v in logs.items()}, step
+
+    full, full_logs, full_step = one_update(0)
+    accumulated, accumulated_logs, accumulated_step = one_update(32)
+    assert full_step.traces == 1 and accumulated_step.traces == 2
+    assert int(accumulated_step.model.optimizer.iterations.numpy()) == 1
+    for a, b in zip(full, accumulated):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    assert accumulated_logs == pytest.approx(full_logs, rel=1e-5)
+
+
+def test_augmentation_crops_and_flips_reproducibly():
+    images = tf.reshape(tf.range(2 * 6 * 6 * 1, dtype=tf.float32) + 1, (2, 6, 6, 1))
+    seed = tf.constant([3, 7], tf.int64)
+    first = data.augment(images, seed, padding=2).numpy()
+    np.testing.assert_array_equal(first, data.augment(images, seed, padding=2).numpy())
+    assert first.shape == (2, 6, 6, 1)
+    # every output is a shifted (and maybe mirrored) window of the zero-padded image
+    for index in range(2):
+        padded = np.pad(images[index].numpy(), [(2, 2), (2, 2), (0, 0)])
+        windows = [padded[top:top + 6, left:left + 6] for top in range(5) for left in range(5)]
+        windows += [window[:, ::-1] for window in windows]
+        assert any(np.array_equal(first[index], window) for window in windows)
+    draws = {data.augment(images, tf.constant([3, s], tf.int64), padding=2).numpy().tobytes() for s in range(20)}
+    assert len(draws) > 10  # different seeds, different crops
+
+
+def test_augmented_epochs_differ_but_repeat_with_the_seed(splits):
+    batches = data.EpochBatches(splits.train, seed=0, augment=True)
+    batches.batch_size = 50
+    first = [images.numpy() for images, _ in batches.dataset(epoch=0)]
+    again = [images.numpy() for images, _ in batches.dataset(epoch=0)]
+    plain = data.EpochBatches(splits.train, seed=0)
+    plain.batch_size = 50
+    unaugmented = [images.numpy() for images, _ in plain.dataset(epoch=0)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, unaugmented))

@@ -40,3 +40,60 @@ def test_optimizers():
     assert (adam.beta_1, adam.beta_2) == (0.9, 0.999)
     with pytest.raises(ValueError, match="optimizer='lamb' is not allowed"):
         models.build_optimizer("lamb", 0.1)
+
+
+def test_wrn_16_4_has_the_parameter_count_of_a_16_4_wide_resnet():
+    model = models.build("wrn-16-4", (32, 32, 3), 10, ghost_batch_size=128)
+    trainable = sum(int(np.prod(weight.shape)) for weight in model.trainable_weights)
+    assert trainable == 2_748_890  # "≈2.7 M" (Zagoruyko & Komodakis: 2.7 M)
+    assert sum(isinstance(layer, models.GhostBatchNormalization) for layer in model.layers) == 13
+    assert model.output.shape[1:] == (10,)
+
+
+def test_ghost_batch_norm_normalises_each_virtual_batch_on_its_own():
+    import keras
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    inputs = (rng.normal(size=(300, 4, 4, 3)) * [1, 2, 3] + [0, 5, -5]).astype(np.float32)
+    ghost = models.GhostBatchNormalization(128, epsilon=1e-5)
+    outputs = ghost(inputs, training=True).numpy()
+    reference = keras.layers.BatchNormalization(epsilon=1e-5)
+    for part in (slice(0, 128), slice(128, 256), slice(256, 300)):  # the last ghost batch holds 44
+        expected = reference(inputs[part], training=True).numpy()
+        np.testing.assert_allclose(outputs[part], expected, rtol=1e-4, atol=1e-4)
+    # the moving statistics follow the mean of the ghost batches' statistics
+    means = np.stack([inputs[p].mean(axis=(0, 1, 2)) for p in (slice(0, 128), slice(128, 256), slice(256, 300))])
+    np.testing.assert_allclose(ghost.moving_mean.numpy(), 0.1 * means.mean(0), rtol=1e-4, atol=1e-5)
+    # at inference it uses the moving statistics
+    np.testing.assert_allclose(
+        ghost(inputs[:5], training=False).numpy(),
+        (inputs[:5] - ghost.moving_mean.numpy()) / np.sqrt(ghost.moving_variance.numpy() + 1e-5),
+        rtol=1e-4, atol=1e-4,
+    )
+    # the mean gradient does not depend on the batch size: a batch of 256 = two ghost batches of 128
+    function = tf.function(lambda x: ghost(x, training=True),
+                           input_signature=[tf.TensorSpec((None, 4, 4, 3), tf.float32)])
+    for size in (100, 256, 300):
+        assert function(inputs[:size]).shape[0] == size
+    assert len(function._list_all_concrete_functions()) == 1  # no retracing per batch size
+
+
+def test_weight_decay_is_the_sgd_style_l2_penalty():
+    model = models.build("small-cnn", (28, 28, 1), 10, weight_decay=5e-4)
+    model(np.zeros((1, 28, 28, 1), np.float32))
+    kernels = [layer.kernel.numpy() for layer in model.layers if hasattr(layer, "kernel")]
+    expected = 5e-4 / 2 * sum(float(np.sum(kernel**2)) for kernel in kernels)
+    assert float(sum(model.losses)) == pytest.approx(expected, rel=1e-5)
+    assert models.build("small-cnn", (28, 28, 1), 10).losses == []
+
+
+def test_ghost_batch_norm_survives_saving(tmp_path):
+    import keras
+
+    model = models.wide_resnet((8, 8, 3), 4, depth=10, width=1, ghost_batch_size=8)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    sample = np.random.default_rng(0).random((3, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(loaded(sample).numpy(), model(sample).numpy(), rtol=1e-5, atol=1e-6)

@@ -46,22 +46,23 @@ def test_constraints_pin_the_same_versions():
         assert constraints.get(name) == version, name
 
 
-def test_mlproject_parameters_are_the_config_fields_with_the_same_defaults():
+def test_mlproject_parameters_are_the_config_fields_passed_as_flags():
     entry = yaml.safe_load(read("MLproject"))["entry_points"]["main"]
     parameters = entry["parameters"]
     assert list(parameters) == [field.name for field in dataclasses.fields(Config)]
-    defaults = {name: str(spec["default"]) for name, spec in parameters.items()}
-    assert from_strings(defaults) == Config()
     for name, spec in parameters.items():
-        assert spec["type"] in ("string", "float"), name
+        assert spec["type"] == ("float" if Config.__dataclass_fields__[name].type in ("int", "float") else "string")
         assert f"--{name} {{{name}}}" in entry["command"], name
 
 
-def test_mlproject_string_defaults_are_logged_as_the_cli_text():
-    # mlflow run logs each default as str(value); YAML must not turn "false" into False -> "False"
+def test_mlproject_defaults_are_empty_meaning_not_given():
+    # Empty lets a preset set the field; the built-in default is documented [in brackets].
     parameters = yaml.safe_load(read("MLproject"))["entry_points"]["main"]["parameters"]
-    assert str(parameters["nesterov"]["default"]) == format_value(Config().nesterov)
-    assert str(parameters["milestones"]["default"]) == format_value(Config().milestones)
+    assert all(spec["default"] == "" for spec in parameters.values())
+    assert from_strings({name: "" for name in parameters}) == Config()
+    documented = dict(re.findall(r"^      (\w+): \{.*?\}\s+# \[([^\]]*)\]", read("MLproject"), re.M))
+    for field in dataclasses.fields(Config):
+        assert documented[field.name] == (format_value(field.default) or "none"), field.name
 
 
 def test_ci_runs_exactly_the_readme_test_command():

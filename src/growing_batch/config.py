@@ -14,12 +14,16 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 from typing import Any, Sequence
 
-from growing_batch.schedules import SCHEDULES
+from growing_batch.presets import PRESETS
+from growing_batch.presets import overrides as preset_overrides
+from growing_batch.schedules import SCHEDULES, resolve_max_batch_size
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100")
-MODELS = ("small-cnn",)
+MODELS = ("small-cnn", "wrn-16-4")
+BATCH_NORM_MODELS = ("wrn-16-4",)
 OPTIMIZERS = ("sgd", "adam")
 BATCH_GROWING_SCHEDULES = ("batch-growth", "step-batch", "step-hybrid", "noise-matched")
 MILESTONE_SCHEDULES = ("step-lr", "step-batch", "step-hybrid")
@@ -37,6 +41,7 @@ def _field(default: Any, help: str) -> Any:
 class Config:
     """Everything that defines a training run. Epochs are counted from 1."""
 
+    preset: str = _field("", "named experiment whose fields apply first (see growing_batch.presets); empty: none")
     dataset: str = _field("fashion_mnist", f"data set: {', '.join(DATASETS)}")
     model: str = _field("small-cnn", f"model: {', '.join(MODELS)}")
     schedule: str = _field("lr-decay", f"schedule: {', '.join(SCHEDULES)}")
@@ -55,11 +60,21 @@ class Config:
     )
     step_factor: float = _field(5.0, "factor of the step schedules at each milestone (>= 1)")
     optimizer: str = _field("sgd", f"optimizer: {', '.join(OPTIMIZERS)}")
+    weight_decay: float = _field(
+        0.0, "SGD-style weight decay λ on kernels, as the L2 penalty (λ/2)·||w||² (>= 0)"
+    )
     momentum: float = _field(
         0.0, "SGD momentum, or Adam's beta_1 (the paper's Adam: 0.9), in [0, 1)"
     )
     nesterov: bool = _field(False, "Nesterov momentum (sgd with momentum > 0 only)")
     epochs: int = _field(10, "number of epochs (>= 1)")
+    augment: bool = _field(False, "random 4-pixel-padded crops and horizontal flips, seeded")
+    ghost_batch_size: int = _field(
+        0, "batch-norm statistics over virtual batches of this size (wrn-16-4); 0: the whole batch"
+    )
+    max_device_batch_size: int = _field(
+        0, "split larger batches into micro-batches of this size and accumulate; 0: no limit"
+    )
     seed: int = _field(0, "seed of the validation split, initialisation and shuffling (>= 0)")
     validation_size: int = _field(
         5000, "training examples held out for validation, drawn without replacement (>= 0)"
@@ -160,6 +175,12 @@ def _require(condition: bool, name: str, value: Any, allowed: str) -> None:
 
 def validate(config: Config) -> Config:
     """Check every field on its own and against the others; raise ConfigError on the first fault."""
+    _require(
+        config.preset == "" or config.preset in PRESETS,
+        "preset",
+        config.preset,
+        f"empty or one of {', '.join(PRESETS)}",
+    )
     _require(config.dataset in DATASETS, "dataset", config.dataset, f"one of {', '.join(DATASETS)}")
     _require(config.model in MODELS, "model", config.model, f"one of {', '.join(MODELS)}")
     _require(
@@ -207,7 +228,34 @@ def validate(config: Config) -> Config:
         config.nesterov,
         "false unless optimizer is sgd with momentum > 0",
     )
+    _require(config.weight_decay >= 0, "weight_decay", config.weight_decay, "a number >= 0")
     _require(config.epochs >= 1, "epochs", config.epochs, "a whole number >= 1")
+    _require(
+        config.ghost_batch_size >= 0,
+        "ghost_batch_size",
+        config.ghost_batch_size,
+        "0 (off) or a whole number >= 1",
+    )
+    _require(
+        config.ghost_batch_size == 0 or config.model in BATCH_NORM_MODELS,
+        "ghost_batch_size",
+        config.ghost_batch_size,
+        f"0 for model {config.model}, which has no batch norm (models with it: {', '.join(BATCH_NORM_MODELS)})",
+    )
+    _require(
+        config.max_device_batch_size >= 0,
+        "max_device_batch_size",
+        config.max_device_batch_size,
+        "0 (no limit) or a whole number >= 1",
+    )
+    _require(
+        config.max_device_batch_size == 0
+        or config.ghost_batch_size == 0
+        or config.max_device_batch_size % config.ghost_batch_size == 0,
+        "max_device_batch_size",
+        config.max_device_batch_size,
+        f"a multiple of ghost_batch_size ({config.ghost_batch_size}), so that no ghost batch straddles two micro-batches",
+    )
     _require(config.seed >= 0, "seed", config.seed, "a whole number >= 0")
     _require(
         config.validation_size >= 0, "validation_size", config.validation_size, "a whole number >= 0"
@@ -238,6 +286,12 @@ def validate_against_data(config: Config, train_size: int) -> None:
         config.max_batch_size,
         f"0 (N/10) or at most the {train_size} training examples",
     )
+    cap = resolve_max_batch_size(config.max_batch_size, train_size)
+    if config.schedule in BATCH_GROWING_SCHEDULES and cap < config.batch_size:
+        raise ConfigError(
+            f"max_batch_size='0' is not allowed: it resolves to N/10 = {cap}, below batch_size "
+            f"({config.batch_size}); set max_batch_size between {config.batch_size} and {train_size}."
+        )
 
 
 # --- the command line ---------------------------------------------------------------------------
@@ -263,14 +317,47 @@ def make_parser(prog: str = "python -m growing_batch.train") -> argparse.Argumen
     return parser
 
 
+def command_line_values(argv: Sequence[str] | None = None) -> dict[str, str]:
+    """The text of every field given on a command line (argparse errors as ConfigError).
+
+    ``--name value`` pairs are read as ``--name=value``, so that a value such as ``-1e-4`` reaches
+    validation (and its clear message) instead of being taken for a flag.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = {f"--{field.name}" for field in fields()}
+    joined: list[str] = []
+    index = 0
+    while index < len(argv):
+        if argv[index] in flags and index + 1 < len(argv):
+            joined.append(f"{argv[index]}={argv[index + 1]}")
+            index += 2
+        else:
+            joined.append(argv[index])
+            index += 1
+    namespace = make_parser().parse_args(joined)
+    return {name: text for name, text in vars(namespace).items() if text is not None}
+
+
 def from_args(argv: Sequence[str] | None = None) -> Config:
-    """Parse and validate a command line. Raises ConfigError with a one-line message."""
-    namespace = make_parser().parse_args(argv)
-    given = {name: text for name, text in vars(namespace).items() if text is not None}
-    return from_strings(given)
+    """Parse, resolve and validate a command line. Raises ConfigError with a one-line message."""
+    return from_strings(command_line_values(argv))
+
+
+def given_values(values: dict[str, str]) -> dict[str, Any]:
+    """The typed values of the fields given explicitly: empty text means "not given".
+
+    (``mlflow run`` passes every MLproject parameter; their defaults are empty for that reason.)
+    """
+    return {name: parse_value(name, str(text)) for name, text in values.items() if str(text).strip() != ""}
 
 
 def from_strings(values: dict[str, str]) -> Config:
-    """A validated config from field texts; missing fields take their defaults."""
-    typed = {name: parse_value(name, str(text)) for name, text in values.items()}
-    return validate(Config(**typed))
+    """A validated config: the preset's fields first, then the fields given, then the defaults."""
+    given = given_values(values)
+    preset = given.get("preset", "")
+    resolved: dict[str, Any] = {}
+    if preset:
+        _require(preset in PRESETS, "preset", preset, f"empty or one of {', '.join(PRESETS)}")
+        resolved.update(preset_overrides(preset))
+    resolved.update(given)
+    return validate(Config(**resolved))

@@ -260,20 +260,29 @@ def load(name: str, data_dir: str = "", validation_size: int = 5000, seed: int =
 # --- the per-epoch pipeline ---------------------------------------------------------------------
 
 
+# Standard CIFAR augmentation: zero-pad 4 pixels on each side, crop back at a random offset.
+AUGMENT_PADDING = 4
+
+
 class EpochBatches:
     """The training set, re-batched every epoch at whatever batch size the schedule sets.
 
     Images live on the device as one ``uint8`` tensor; each epoch draws a seeded permutation
     (seed, epoch), batches the indices, gathers and scales them inside the tf.data graph and
     prefetches. Every example is seen once per epoch; the last batch may be smaller.
+
+    With ``augment``, each image is zero-padded by 4 pixels, cropped back to its size at a random
+    offset and flipped left-right with probability 1/2, on the fly; the random draws are stateless
+    functions of (seed, epoch, batch index), so a run is reproducible.
     """
 
-    def __init__(self, split: Split, seed: int):
+    def __init__(self, split: Split, seed: int, augment: bool = False):
         import tensorflow as tf
 
         self._tf = tf
         self.size = len(split)
         self.seed = seed
+        self.augment = augment
         self.batch_size = 1
         self._images = tf.constant(split.images)
         self._labels = tf.constant(split.labels)
@@ -287,16 +296,37 @@ class EpochBatches:
     def dataset(self, epoch: int):
         tf = self._tf
         indices = tf.data.Dataset.from_tensor_slices(self.epoch_order(epoch).astype(np.int32))
-        return (
-            indices.batch(self.batch_size)
-            .map(self._gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            .prefetch(tf.data.AUTOTUNE)
-        )
+        batched = indices.batch(self.batch_size).enumerate()
+        return batched.map(
+            lambda batch, batch_indices: self._gather(epoch, batch, batch_indices),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        ).prefetch(tf.data.AUTOTUNE)
 
-    def _gather(self, indices):
+    def _gather(self, epoch, batch, indices):
         tf = self._tf
         images = tf.cast(tf.gather(self._images, indices), tf.float32) / 255.0
+        if self.augment:
+            seed = tf.stack([tf.constant(self.seed, tf.int64), tf.constant(epoch, tf.int64) * 2**32 + batch])
+            images = augment(images, seed)
         return images, tf.gather(self._labels, indices)
+
+
+def augment(images, seed, padding: int = AUGMENT_PADDING):
+    """Random ``padding``-pixel-padded crops and horizontal flips of a batch (stateless, seeded)."""
+    import tensorflow as tf
+
+    count = tf.shape(images)[0]
+    height, width = images.shape[1], images.shape[2]
+    padded = tf.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
+    top = tf.random.stateless_uniform([count], seeds[0], 0, 2 * padding + 1, dtype=tf.int32)
+    left = tf.random.stateless_uniform([count], seeds[1], 0, 2 * padding + 1, dtype=tf.int32)
+    rows = top[:, None] + tf.range(height)[None, :]
+    columns = left[:, None] + tf.range(width)[None, :]
+    cropped = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), columns, axis=2, batch_dims=1)
+    flip = tf.random.stateless_uniform([count], seeds[2]) < 0.5
+    return tf.where(flip[:, None, None, None], tf.reverse(cropped, axis=[2]), cropped)
 
 
 def evaluation_batches(split: Split, batch_size: int):

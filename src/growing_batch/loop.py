@@ -83,11 +83,20 @@ class EpochProgbarLogger(keras.callbacks.ProgbarLogger):
 
 
 class TrainStep:
-    """One compiled SGD step over a batch of any size; counts how often it is traced."""
+    """One compiled SGD step over a batch of any size; counts how often it is traced.
 
-    def __init__(self, model: keras.Model, loss: keras.losses.Loss):
+    With ``max_device_batch_size`` > 0, a larger batch is split into micro-batches of at most that
+    size: each adds its gradient, weighted by its share of the batch, to accumulators, and one
+    optimizer update then applies the sum — the gradient of the mean loss over the whole batch, so
+    one parameter update still sees the whole batch. (Batch-norm moving statistics, used only at
+    inference, are updated once per micro-batch.) Without accumulation one function is traced,
+    with it two (accumulate and apply); neither retraces when the batch size changes.
+    """
+
+    def __init__(self, model: keras.Model, loss: keras.losses.Loss, max_device_batch_size: int = 0):
         self.model = model
         self.loss = loss
+        self.max_device_batch_size = max_device_batch_size
         self.traces = 0
         self.loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False)
         self.correct = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -95,31 +104,67 @@ class TrainStep:
         image_spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
         label_spec = tf.TensorSpec((None,), tf.int32)
         self.function = tf.function(self._step, input_signature=[image_spec, label_spec])
+        if max_device_batch_size > 0:
+            self.accumulators = [
+                tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in model.trainable_variables
+            ]
+            weight_spec = tf.TensorSpec((), tf.float32)
+            self.accumulate = tf.function(self._accumulate, input_signature=[image_spec, label_spec, weight_spec])
+            self.apply = tf.function(self._apply, input_signature=[])
 
     def reset(self) -> None:
         self.loss_sum.assign(0.0)
         self.correct.assign(0)
         self.count.assign(0)
 
-    def _step(self, images, labels):
-        self.traces += 1  # Python side effect: runs once per trace, not per call
+    def _loss_and_gradients(self, images, labels, weight=None):
         with tf.GradientTape() as tape:
             logits = self.model(images, training=True)
             loss = self.loss(labels, logits)
             total = loss + tf.add_n(self.model.losses) if self.model.losses else loss
-        variables = self.model.trainable_variables
-        gradients = tape.gradient(total, variables)
-        self.model.optimizer.apply(gradients, variables)
+            if weight is not None:
+                total = weight * total
+        gradients = tape.gradient(total, self.model.trainable_variables)
         size = tf.shape(labels, out_type=tf.int64)[0]
         hits = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.int64))
         self.loss_sum.assign_add(tf.cast(loss, tf.float64) * tf.cast(size, tf.float64))
         self.correct.assign_add(hits)
         self.count.assign_add(size)
+        return gradients
+
+    def _logs(self):
         count = tf.cast(self.count, tf.float64)
         return {"train_loss": self.loss_sum / count, "train_accuracy": tf.cast(self.correct, tf.float64) / count}
 
+    def _step(self, images, labels):
+        self.traces += 1  # Python side effect: runs once per trace, not per call
+        gradients = self._loss_and_gradients(images, labels)
+        self.model.optimizer.apply(gradients, self.model.trainable_variables)
+        return self._logs()
+
+    def _accumulate(self, images, labels, weight):
+        self.traces += 1
+        gradients = self._loss_and_gradients(images, labels, weight)
+        for accumulator, gradient in zip(self.accumulators, gradients):
+            accumulator.assign_add(gradient)
+        return self._logs()
+
+    def _apply(self):
+        self.traces += 1
+        self.model.optimizer.apply([a.read_value() for a in self.accumulators], self.model.trainable_variables)
+        for accumulator in self.accumulators:
+            accumulator.assign(tf.zeros_like(accumulator))
+        return self._logs()
+
     def __call__(self, images, labels):
-        return self.function(images, labels)
+        size = int(images.shape[0])
+        micro = self.max_device_batch_size
+        if micro <= 0 or size <= micro:
+            return self.function(images, labels)
+        for start in range(0, size, micro):
+            part = slice(start, min(start + micro, size))
+            self.accumulate(images[part], labels[part], tf.constant((part.stop - start) / size, tf.float32))
+        return self.apply()
 
 
 class Evaluator:
@@ -156,6 +201,7 @@ def fit(
     evaluation: Mapping[str, object] | None = None,
     callbacks: Iterable[keras.callbacks.Callback] = (),
     verbose: int = 1,
+    max_device_batch_size: int = 0,
 ) -> keras.callbacks.History:
     """Train ``model`` (compiled with an optimizer and a loss) for ``epochs`` epochs.
 
@@ -163,11 +209,12 @@ def fit(
     epoch as ``<prefix>_loss`` and ``<prefix>_accuracy``. Each epoch's logs also hold the
     schedule's ``learning_rate``, ``batch_size``, ``momentum``, ``noise_scale``, the cumulative
     ``updates`` and ``examples_seen``, and ``epoch_seconds`` (the training pass) with
-    ``examples_per_second``.
+    ``examples_per_second``. ``max_device_batch_size`` > 0 accumulates gradients over micro-batches
+    of at most that size (see :class:`TrainStep`).
     """
     if schedule_callback.batches is not batches:
         raise ValueError("schedule_callback must drive the same EpochBatches that fit trains on.")
-    train_step = TrainStep(model, model.loss)
+    train_step = TrainStep(model, model.loss, max_device_batch_size)
     evaluator = Evaluator(model)
     callback_list = keras.callbacks.CallbackList(
         [schedule_callback, *callbacks, EpochProgbarLogger()],

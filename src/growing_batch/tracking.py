@@ -6,9 +6,10 @@ script starts (``MLFLOW_RUN_ID``); :func:`start_run` continues it, and otherwise
 
 What a run holds:
 
-* params — every config field under its own name (``mlflow run`` has logged the ones it declares
-  before the script starts; they are left as they are) and what the data fixed:
-  ``train_examples`` (N), ``validation_examples``, ``test_examples``, ``resolved_max_batch_size``;
+* params — every config field twice: ``<field>`` as given on the command line (empty where not
+  given; ``mlflow run`` logs these itself) and ``resolved.<field>`` as used, after the preset and the
+  defaults; and what the data fixed: ``train_examples`` (N), ``validation_examples``,
+  ``test_examples``, ``resolved_max_batch_size``;
 * tags — ``schedule``, ``dataset``, ``model``, ``git_commit`` and a readable run name;
 * metrics at ``step = epoch`` (counted from 1) — see :data:`EPOCH_METRICS`; plus MLflow's system
   metrics (CPU, memory; GPU where one is present and ``nvidia-ml-py`` is installed);
@@ -89,8 +90,11 @@ def git_commit() -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-def start_run(config: Config) -> mlflow.ActiveRun:
-    """Continue the run ``mlflow run`` created, or start a new one; name, tag and log params."""
+def start_run(config: Config, given: dict[str, str] | None = None) -> mlflow.ActiveRun:
+    """Continue the run ``mlflow run`` created, or start a new one; name, tag and log params.
+
+    ``given`` is the command line's text per field (what the user passed; see log_config_params).
+    """
     if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_SECONDS)
     active = mlflow.start_run(run_name=run_name(config), log_system_metrics=True)
@@ -99,17 +103,24 @@ def start_run(config: Config) -> mlflow.ActiveRun:
     if commit:
         tags["git_commit"] = commit
     mlflow.set_tags(tags)
-    log_config_params(active.info.run_id, config)
+    log_config_params(active.info.run_id, config, given or {})
     return active
 
 
-def log_config_params(run_id: str, config: Config) -> None:
-    """Log every config field as a param, except those ``mlflow run`` has already logged."""
-    client = MlflowClient()
-    existing = client.get_run(run_id).data.params
-    missing = {name: text for name, text in config.to_params().items() if name not in existing}
-    if missing:
-        mlflow.log_params(missing)
+def log_config_params(run_id: str, config: Config, given: dict[str, str]) -> None:
+    """Two params per config field: ``<field>`` as given, ``resolved.<field>`` as used.
+
+    ``<field>`` records the command line: under ``mlflow run`` MLflow itself logs every MLproject
+    parameter before the script starts (empty, shown as '', where not given); otherwise this logs
+    the given text, or empty. Params are write-once, so what a preset or a default resolved to goes
+    to ``resolved.<field>``: compare runs on those.
+    """
+    existing = MlflowClient().get_run(run_id).data.params
+    params = {f"resolved.{name}": text for name, text in config.to_params().items()}
+    for name in config.to_params():
+        if name not in existing:
+            params[name] = str(given.get(name, ""))
+    mlflow.log_params(params)
 
 
 def log_data(splits, resolved_max_batch_size: int) -> None:

@@ -26,19 +26,23 @@ EVALUATION_BATCH_SIZE = 1024
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        config = config_module.from_args(argv)
+        given = config_module.command_line_values(argv)
+        config = config_module.from_strings(given)
     except ConfigError as error:
         return exit_with_error(str(error))
     from growing_batch.data import DataError
 
     try:
-        return train(config)
+        return train(config, given=given)
     except (ConfigError, DataError) as error:
         return exit_with_error(str(error))
 
 
-def train(config: Config, extra_callbacks: Sequence = (), verbose: int = 1) -> int:
-    """Run one configuration end to end; returns 0. Raises ConfigError/DataError on bad input."""
+def train(config: Config, extra_callbacks: Sequence = (), verbose: int = 1, given: dict | None = None) -> int:
+    """Run one configuration end to end; returns 0. Raises ConfigError/DataError on bad input.
+
+    ``given``: the command line's text per field, logged as the plain-name params (default: none).
+    """
     from growing_batch import data, schedules
 
     splits = data.load(
@@ -55,18 +59,20 @@ def train(config: Config, extra_callbacks: Sequence = (), verbose: int = 1) -> i
     from growing_batch import loop, models, tracking
 
     keras.utils.set_random_seed(config.seed)
-    model = models.build(config.model, splits.image_shape, splits.num_classes, config.seed)
+    model = models.build(
+        config.model, splits.image_shape, splits.num_classes, config.seed, config.weight_decay, config.ghost_batch_size
+    )
     optimizer = models.build_optimizer(
         config.optimizer, config.learning_rate, config.momentum, config.nesterov
     )
     models.compile_for_training(model, optimizer)
-    batches = data.EpochBatches(splits.train, config.seed)
+    batches = data.EpochBatches(splits.train, config.seed, config.augment)
     evaluation = {}
     if len(splits.validation):
         evaluation["val"] = data.evaluation_batches(splits.validation, EVALUATION_BATCH_SIZE)
     evaluation["test"] = data.evaluation_batches(splits.test, EVALUATION_BATCH_SIZE)
 
-    with tracking.start_run(config) as active:
+    with tracking.start_run(config, given) as active:
         run_id = active.info.run_id
         tracking.log_data(splits, max_batch_size)
         tracking.log_resolved_config(
@@ -94,6 +100,7 @@ def train(config: Config, extra_callbacks: Sequence = (), verbose: int = 1) -> i
             evaluation=evaluation,
             callbacks=[*extra_callbacks, tracking.TrackingCallback(run_id, tracking.run_name(config))],
             verbose=verbose,
+            max_device_batch_size=config.max_device_batch_size,
         )
         tracking.log_model(model, data.scale(splits.train.images[:8]))
         last = {name: values[-1] for name, values in history.history.items()}
