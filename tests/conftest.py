@@ -19,6 +19,12 @@ def fashion_dir(tmp_path_factory):
     return fake_data.write_fashion_mnist(str(tmp_path_factory.mktemp("fashion")))
 
 
+@pytest.fixture(scope="session")
+def fashion_dir_1400(tmp_path_factory):
+    """1,400 training images: with 40 held out, N/10 = 136 admits the default batch of 128."""
+    return fake_data.write_fashion_mnist(str(tmp_path_factory.mktemp("fashion1400")), train=1400, test=80)
+
+
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch):
     """A fresh sqlite tracking store whose artifacts stay in tmp_path."""

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from growing_batch import schedules, train
 from growing_batch import config as config_module
 from growing_batch.config import Config, ConfigError
-from growing_batch.tracking import EPOCH_METRICS
+from growing_batch.metrics import EPOCH_METRICS
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 2

@@ -1,9 +1,19 @@
-"""Reading runs back from a tracking store. No TensorFlow.
+"""Reading runs back from a tracking store: tidy tables and summaries. No TensorFlow.
 
     python -m growing_batch.analysis --experiment_name quick-fashion-mnist
+    python -m growing_batch.analysis --parent_run_id <a sweep's parent run>
 
-prints one line per run of the experiment (final and best test accuracy, parameter updates,
-training seconds) and the command that opens the MLflow UI on the same store.
+prints one line per run (final and best test accuracy, updates, wall-clock seconds), the summary per
+schedule over seeds, and the command that opens the MLflow UI on the same store.
+
+Two tables describe a set of runs:
+
+* ``runs``: one row per run — ``run_id``, ``run_name``, ``status``, ``member`` (the sweep member: a
+  preset or schedule name; the ``schedule`` tag for runs outside a sweep), ``schedule``, ``seed``,
+  ``start_time`` and every ``resolved.*`` param (without the prefix, e.g. ``batch_size``) under
+  ``param_<name>``;
+* ``history``: one row per run and epoch — ``run_id``, ``member``, ``seed``, ``epoch`` and every
+  per-epoch metric, plus ``wall_seconds`` (from the run's start to the metric's timestamp).
 """
 
 from __future__ import annotations
@@ -13,69 +23,183 @@ import math
 import sys
 
 import mlflow
+import numpy as np
+import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from growing_batch.metrics import EPOCH_METRICS
 
-def metric_history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
-    """``(step, value)`` pairs of one metric, ordered by step."""
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-
-
-def summarize_run(client: MlflowClient, run) -> dict:
-    run_id = run.info.run_id
-    accuracy = metric_history(client, run_id, "test_accuracy")
-    seconds = metric_history(client, run_id, "epoch_seconds")
-    updates = metric_history(client, run_id, "updates")
-    return {
-        "run_id": run_id,
-        "run_name": run.info.run_name,
-        "status": run.info.status,
-        "schedule": run.data.tags.get("schedule", ""),
-        "epochs": len(accuracy),
-        "final_test_accuracy": accuracy[-1][1] if accuracy else math.nan,
-        "best_test_accuracy": max(value for _, value in accuracy) if accuracy else math.nan,
-        "updates": int(updates[-1][1]) if updates else 0,
-        "train_seconds": sum(value for _, value in seconds),
-    }
+# Schedules that decay the learning rate at a fixed batch: the baseline of the summary's ratios.
+BASELINE_SCHEDULES = ("lr-decay", "step-lr")
 
 
-def summarize_experiment(experiment_name: str, tracking_uri: str | None = None) -> list[dict]:
-    """One summary per run of the experiment, oldest first."""
-    client = MlflowClient(tracking_uri=tracking_uri)
+def _runs_of(client: MlflowClient, experiment_name: str | None, parent_run_id: str | None):
+    if parent_run_id:
+        parent = client.get_run(parent_run_id)
+        return client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+            order_by=["attributes.start_time ASC"],
+        )
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise ValueError(f"experiment_name={experiment_name!r}: no such experiment in {client.tracking_uri}")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-    return [summarize_run(client, run) for run in runs]
+    return [run for run in runs if run.data.tags.get("sweep_role") != "parent"]
 
 
-def format_table(rows: list[dict]) -> str:
-    header = f"{'run':<34} {'status':<9} {'epochs':>6} {'final acc':>9} {'best acc':>9} {'updates':>8} {'train s':>8}  run id"
+def load_runs(
+    experiment_name: str | None = None,
+    parent_run_id: str | None = None,
+    tracking_uri: str | None = None,
+    latest_only: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ``runs`` and ``history`` tables of an experiment, or of a sweep's children.
+
+    With ``latest_only``, a sweep child that a rerun superseded (tag ``sweep_superseded``) is left out.
+    """
+    if not experiment_name and not parent_run_id:
+        raise ValueError("give experiment_name or parent_run_id")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run_rows, history_rows = [], []
+    for run in _runs_of(client, experiment_name, parent_run_id):
+        tags, params = run.data.tags, run.data.params
+        if latest_only and tags.get("sweep_superseded") == "true":
+            continue
+        member = tags.get("sweep_member") or tags.get("schedule", "")
+        seed = int(params.get("resolved.seed", tags.get("sweep_seed", 0)) or 0)
+        row = {
+            "run_id": run.info.run_id,
+            "run_name": run.info.run_name,
+            "status": run.info.status,
+            "member": member,
+            "schedule": tags.get("schedule", ""),
+            "seed": seed,
+            "start_time": run.info.start_time,
+        }
+        row.update({f"param_{key[len('resolved.'):]}": value for key, value in params.items() if key.startswith("resolved.")})
+        run_rows.append(row)
+        by_epoch: dict[int, dict] = {}
+        for name in EPOCH_METRICS:
+            for metric in client.get_metric_history(run.info.run_id, name):
+                entry = by_epoch.setdefault(metric.step, {"wall_seconds": 0.0})
+                entry[name] = metric.value
+                entry["wall_seconds"] = max(entry["wall_seconds"], (metric.timestamp - run.info.start_time) / 1000)
+        for epoch in sorted(by_epoch):
+            history_rows.append({"run_id": run.info.run_id, "member": member, "seed": seed, "epoch": epoch, **by_epoch[epoch]})
+    runs = pd.DataFrame(run_rows, columns=None if run_rows else ["run_id", "run_name", "status", "member", "schedule", "seed", "start_time"])
+    history = pd.DataFrame(history_rows, columns=None if history_rows else ["run_id", "member", "seed", "epoch", "wall_seconds"])
+    return runs, history
+
+
+def run_summary(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: final and best test accuracy, updates and wall-clock seconds."""
+    rows = []
+    for run in runs.itertuples():
+        own = history[history["run_id"] == run.run_id].sort_values("epoch")
+        accuracy = own["test_accuracy"].dropna() if "test_accuracy" in own else pd.Series(dtype=float)
+        rows.append(
+            {
+                "run_id": run.run_id,
+                "run_name": run.run_name,
+                "status": run.status,
+                "member": run.member,
+                "seed": run.seed,
+                "epochs": int(own["epoch"].max()) if len(own) else 0,
+                "final_test_accuracy": float(accuracy.iloc[-1]) if len(accuracy) else math.nan,
+                "best_test_accuracy": float(accuracy.max()) if len(accuracy) else math.nan,
+                "updates": int(own["updates"].iloc[-1]) if "updates" in own and len(own) else 0,
+                "wall_seconds": float(own["wall_seconds"].iloc[-1]) if len(own) else math.nan,
+                "train_seconds": float(own["epoch_seconds"].sum()) if "epoch_seconds" in own else math.nan,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def schedule_summary(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
+    """One row per member (schedule or preset), over its FINISHED runs (seeds).
+
+    Columns: ``seeds``, final and best test accuracy as ``*_mean`` and ``*_std`` (sample standard
+    deviation; 0 for one seed), mean ``updates`` and ``wall_seconds``, and their ratios to the
+    LR-decay baseline (the first member whose schedule is lr-decay or step-lr), ``updates_ratio`` and
+    ``time_ratio``; NaN where there is no baseline.
+    """
+    per_run = run_summary(runs[runs["status"] == "FINISHED"], history) if len(runs) else run_summary(runs, history)
+    columns = ["member", "schedule", "seeds", "final_test_accuracy_mean", "final_test_accuracy_std",
+               "best_test_accuracy_mean", "best_test_accuracy_std", "updates", "wall_seconds",
+               "updates_ratio", "time_ratio"]
+    if per_run.empty:
+        return pd.DataFrame(columns=columns)
+    schedules = dict(zip(runs["member"], runs["schedule"]))
+    rows = []
+    for member, group in per_run.groupby("member", sort=False):
+        rows.append(
+            {
+                "member": member,
+                "schedule": schedules.get(member, ""),
+                "seeds": len(group),
+                "final_test_accuracy_mean": group["final_test_accuracy"].mean(),
+                "final_test_accuracy_std": group["final_test_accuracy"].std(ddof=1) if len(group) > 1 else 0.0,
+                "best_test_accuracy_mean": group["best_test_accuracy"].mean(),
+                "best_test_accuracy_std": group["best_test_accuracy"].std(ddof=1) if len(group) > 1 else 0.0,
+                "updates": group["updates"].mean(),
+                "wall_seconds": group["wall_seconds"].mean(),
+            }
+        )
+    table = pd.DataFrame(rows)
+    baseline = table[table["schedule"].isin(BASELINE_SCHEDULES)]
+    if len(baseline):
+        table["updates_ratio"] = table["updates"] / baseline["updates"].iloc[0]
+        table["time_ratio"] = table["wall_seconds"] / baseline["wall_seconds"].iloc[0]
+    else:
+        table["updates_ratio"] = np.nan
+        table["time_ratio"] = np.nan
+    return table[columns]
+
+
+def format_run_table(per_run: pd.DataFrame) -> str:
+    header = f"{'run':<36} {'status':<9} {'epochs':>6} {'final acc':>9} {'best acc':>9} {'updates':>8} {'wall s':>8}  run id"
     lines = [header, "-" * len(header)]
-    for row in rows:
+    for row in per_run.itertuples():
         lines.append(
-            f"{row['run_name'][:34]:<34} {row['status']:<9} {row['epochs']:>6} "
-            f"{row['final_test_accuracy']:>9.4f} {row['best_test_accuracy']:>9.4f} "
-            f"{row['updates']:>8,} {row['train_seconds']:>8.1f}  {row['run_id']}"
+            f"{str(row.run_name)[:36]:<36} {row.status:<9} {row.epochs:>6} {row.final_test_accuracy:>9.4f} "
+            f"{row.best_test_accuracy:>9.4f} {row.updates:>8,} {row.wall_seconds:>8.1f}  {row.run_id}"
+        )
+    return "\n".join(lines)
+
+
+def format_schedule_table(summary: pd.DataFrame) -> str:
+    header = (f"{'schedule / preset':<24} {'seeds':>5} {'final test acc':>16} {'best test acc':>16} "
+              f"{'updates':>9} {'wall s':>8} {'updates/base':>12} {'time/base':>9}")
+    lines = [header, "-" * len(header)]
+    for row in summary.itertuples():
+        lines.append(
+            f"{row.member[:24]:<24} {row.seeds:>5} "
+            f"{row.final_test_accuracy_mean:>8.4f} ± {row.final_test_accuracy_std:<5.4f} "
+            f"{row.best_test_accuracy_mean:>8.4f} ± {row.best_test_accuracy_std:<5.4f} "
+            f"{row.updates:>9,.0f} {row.wall_seconds:>8.1f} {row.updates_ratio:>12.3f} {row.time_ratio:>9.3f}"
         )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m growing_batch.analysis", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--experiment_name", required=True)
+    parser.add_argument("--experiment_name", default=None)
+    parser.add_argument("--parent_run_id", default=None)
     parser.add_argument("--tracking_uri", default=None, help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     arguments = parser.parse_args(argv)
     try:
-        rows = summarize_experiment(arguments.experiment_name, arguments.tracking_uri)
-    except ValueError as error:
+        runs, history = load_runs(arguments.experiment_name, arguments.parent_run_id, arguments.tracking_uri)
+    except (ValueError, mlflow.exceptions.MlflowException) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     uri = arguments.tracking_uri or mlflow.get_tracking_uri()
-    print(f"Experiment {arguments.experiment_name!r} in {uri}:")
-    print(format_table(rows))
+    print(f"{arguments.experiment_name or 'sweep ' + arguments.parent_run_id} in {uri}:")
+    print(format_run_table(run_summary(runs, history)))
+    print()
+    print(format_schedule_table(schedule_summary(runs, history)))
     print(f"\nOpen the MLflow UI on these runs:  mlflow ui --backend-store-uri {uri}")
-    print("then http://127.0.0.1:5000 -> the experiment -> select runs -> Compare, or a chart with x-axis 'updates'.")
+    print("then http://127.0.0.1:5000: the experiment, select runs, Compare; or Chart view with x-axis 'updates'.")
     return 0
 
 

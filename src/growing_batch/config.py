@@ -114,7 +114,7 @@ def format_value(value: Any) -> str:
 # --- parsing text into typed values -------------------------------------------------------------
 
 
-def _parse_int(name: str, text: str) -> int:
+def parse_whole_number(name: str, text: str) -> int:
     try:
         number = float(text)
     except ValueError:
@@ -145,7 +145,7 @@ def _parse_bool(name: str, text: str) -> bool:
 
 def _parse_milestones(name: str, text: str) -> tuple[int, ...]:
     parts = [part.strip() for part in text.split(",") if part.strip()]
-    return tuple(_parse_int(name, part) for part in parts)
+    return tuple(parse_whole_number(name, part) for part in parts)
 
 
 def parse_value(name: str, text: str) -> Any:
@@ -155,7 +155,7 @@ def parse_value(name: str, text: str) -> Any:
         raise ConfigError(f"unknown parameter {name!r}: expected one of {', '.join(types)}.")
     kind = types[name]
     if kind == "int":
-        return _parse_int(name, text)
+        return parse_whole_number(name, text)
     if kind == "float":
         return _parse_float(name, text)
     if kind == "bool":
@@ -297,13 +297,13 @@ def validate_against_data(config: Config, train_size: int) -> None:
 # --- the command line ---------------------------------------------------------------------------
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse would print usage and exit 2
         raise ConfigError(f"{message} (see --help)")
 
 
 def make_parser(prog: str = "python -m growing_batch.train") -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog=prog,
         description="Train with a learning-rate / batch-size schedule and log the run to MLflow.",
     )

@@ -1,26 +1,27 @@
-"""Figures, from per-epoch history rows (dicts with ``epoch`` and metric names). No TensorFlow."""
+"""Figures: of one run from its history rows, of many from analysis' tidy table. No TensorFlow.
+
+Figures are plain ``matplotlib.figure.Figure`` objects, made without pyplot: no GUI backend, no
+global figure registry to close, safe in threads; MLflow logs them and notebooks display them.
+"""
 
 from __future__ import annotations
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
+def _subplots(rows: int, columns: int, figsize, **kwargs):
+    figure = Figure(figsize=figsize, layout="constrained")
+    return figure, figure.subplots(rows, columns, **kwargs)
 
 
 def _column(rows: list[dict], name: str) -> list[float]:
     return [row.get(name, float("nan")) for row in rows]
 
 
-def close(figure) -> None:
-    plt.close(figure)
-
-
 def schedule_figure(rows: list[dict], title: str = ""):
     """Learning rate, batch size and noise scale εN/(B(1 − m)) per epoch (the paper's Fig. 1)."""
     epochs = _column(rows, "epoch")
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
+    figure, axes = _subplots(1, 3, (13, 3.6))
     for axis, (name, label) in zip(
         axes,
         (
@@ -42,7 +43,7 @@ def schedule_figure(rows: list[dict], title: str = ""):
 
 def training_curves_figure(rows: list[dict], title: str = ""):
     """Loss and accuracy against epochs and against parameter updates (the paper's Figs. 2–3)."""
-    figure, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    figure, axes = _subplots(2, 2, (11, 7))
     for column, x_name in enumerate(("epoch", "updates")):
         x = _column(rows, x_name)
         for row, kind in enumerate(("loss", "accuracy")):
@@ -57,3 +58,65 @@ def training_curves_figure(rows: list[dict], title: str = ""):
             axis.legend()
     figure.suptitle(title or "training curves")
     return figure
+
+
+# --- comparisons of many runs, from analysis' tidy ``history`` table -----------------------------
+
+
+def _member_curves(history, x: str, y: str):
+    """Per member: x (mean over seeds), mean y and its standard deviation over seeds, per epoch."""
+    for member, group in history.groupby("member", sort=False):
+        per_epoch = group.dropna(subset=[y]).groupby("epoch")
+        yield member, per_epoch[x].mean(), per_epoch[y].mean(), per_epoch[y].std(ddof=1).fillna(0.0), group["run_id"].unique()
+
+
+def _annotate(figure, history) -> None:
+    figure.run_ids = set(history["run_id"])  # which runs the figure drew, for tests and reports
+
+
+def schedules_comparison_figure(history, title: str = "schedules"):
+    """ε, B and noise scale per epoch, one line per schedule (the paper's Fig. 1)."""
+    figure, axes = _subplots(1, 3, (14, 3.8))
+    for axis, (name, label) in zip(axes, (("learning_rate", "learning rate ε"), ("batch_size", "batch size B"),
+                                          ("noise_scale", "noise scale εN/(B(1−m))"))):
+        for member, x, mean, _, _ in _member_curves(history, "epoch", name):
+            axis.plot(x, mean, drawstyle="steps-post", label=member)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(label)
+        axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    figure.suptitle(title)
+    _annotate(figure, history)
+    return figure
+
+
+def curves_figure(history, y: str, xs=("epoch", "updates"), title: str = ""):
+    """``y`` against each of ``xs``: the mean over seeds per schedule, with a ±1 std band."""
+    labels = {"epoch": "epoch", "updates": "parameter updates", "wall_seconds": "wall-clock seconds"}
+    figure, axes = _subplots(1, len(xs), (6.5 * len(xs), 4.2), squeeze=False)
+    for axis, x_name in zip(axes[0], xs):
+        for member, x, mean, std, runs in _member_curves(history, x_name, y):
+            line = axis.plot(x, mean, label=f"{member} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")[0]
+            axis.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+        axis.set_xlabel(labels.get(x_name, x_name))
+        axis.set_ylabel(y.replace("_", " "))
+        axis.grid(alpha=0.3)
+        if y.endswith("loss"):
+            axis.set_yscale("log")
+    axes[0][0].legend(fontsize="small")
+    figure.suptitle(title or y.replace("_", " "))
+    _annotate(figure, history)
+    return figure
+
+
+def comparison_figures(history) -> dict:
+    """The paper's figures for a set of runs, by file name."""
+    return {
+        "schedules.png": schedules_comparison_figure(history),
+        "train_loss.png": curves_figure(history, "train_loss", title="training loss (paper Fig. 2)"),
+        "test_accuracy.png": curves_figure(history, "test_accuracy", title="test accuracy (paper Figs. 3–5)"),
+        "test_accuracy_wall_clock.png": curves_figure(
+            history, "test_accuracy", xs=("wall_seconds",), title="test accuracy against wall-clock time"
+        ),
+    }

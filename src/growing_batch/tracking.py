@@ -11,7 +11,7 @@ What a run holds:
   defaults; and what the data fixed: ``train_examples`` (N), ``validation_examples``,
   ``test_examples``, ``resolved_max_batch_size``;
 * tags — ``schedule``, ``dataset``, ``model``, ``git_commit`` and a readable run name;
-* metrics at ``step = epoch`` (counted from 1) — see :data:`EPOCH_METRICS`; plus MLflow's system
+* metrics at ``step = epoch`` (counted from 1) — see :data:`growing_batch.metrics.EPOCH_METRICS`; plus MLflow's system
   metrics (CPU, memory; GPU where one is present and ``nvidia-ml-py`` is installed);
 * inputs — the train, validation and test splits as MLflow datasets;
 * artifacts — ``config.json``, ``history.csv``, ``schedule.png``, ``training_curves.png`` and the
@@ -37,23 +37,8 @@ from mlflow.tracking import MlflowClient
 
 from growing_batch import plots
 from growing_batch.config import Config, format_value
+from growing_batch.metrics import EPOCH_METRICS
 
-EPOCH_METRICS = (
-    "train_loss",
-    "train_accuracy",
-    "val_loss",
-    "val_accuracy",
-    "test_loss",
-    "test_accuracy",
-    "learning_rate",
-    "batch_size",
-    "momentum",
-    "noise_scale",
-    "updates",
-    "examples_seen",
-    "epoch_seconds",
-    "examples_per_second",
-)
 # Seconds between system-metric samples, unless MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise.
 SYSTEM_METRICS_INTERVAL_SECONDS = 5
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -200,7 +185,6 @@ def log_history(run_id: str, rows: list[dict], title: str = "") -> None:
     }
     for name, figure in figures.items():
         client.log_figure(run_id, figure, name)
-        plots.close(figure)
 
 
 def log_model(model: keras.Model, sample_images: np.ndarray) -> None:
