@@ -174,3 +174,35 @@ def test_absolute_tracking_uri(tmp_path, monkeypatch):
     assert report.absolute_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
     assert report.absolute_tracking_uri("sqlite:////x/mlflow.db") == "sqlite:////x/mlflow.db"
     assert report.absolute_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_sweep_without_mlflow_run_creates_and_then_continues_its_parent(tracking_uri, monkeypatch):
+    """In process, with training replaced by a stub child that finishes at once."""
+    launched = []
+
+    def finish_at_once(client, experiment_id, parent_id, key, child, log_dir):
+        run = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent_id, "sweep_key": key,
+                                                     "sweep_child": child.key, "sweep_member": child.member,
+                                                     "sweep_role": "child"})
+        client.set_terminated(run.info.run_id, "FINISHED")
+        launched.append(child.key)
+        return "FINISHED"
+
+    monkeypatch.setattr(sweep, "run_child", finish_at_once)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "direct")
+    assert sweep.main(["--experiment", "repro", "--seeds", "2", "--epochs", "1"]) == 0
+    assert len(launched) == 8
+    assert sweep.main(["--experiment", "repro", "--seeds", "2", "--epochs", "1"]) == 0
+    assert len(launched) == 8  # all FINISHED: nothing runs again
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("direct").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.params["seeds"] == "2"
+
+
+def test_sweep_bad_arguments_are_one_line(tracking_uri, capsys):
+    assert sweep.main(["--experiment", "quick", "--seeds", "two"]) == 2
+    assert capsys.readouterr().err.strip() == "error: seeds='two' is not allowed: expected a whole number."
+    assert sweep.main(["--experiment", "nope"]) == 2
+    assert "experiment='nope' is not allowed" in capsys.readouterr().err

@@ -183,11 +183,22 @@ def log_summary(client: MlflowClient, parent_id: str) -> str:
     if len(history):
         for name, figure in plots.comparison_figures(history).items():
             client.log_figure(parent_id, figure, f"figures/{name}")
-        failed = per_run[per_run["status"] != "FINISHED"]
+    failed = per_run[per_run["status"] != "FINISHED"] if len(per_run) else per_run
     text = analysis.format_schedule_table(summary)
     if len(failed):
         text += "\nnot finished: " + ", ".join(f"{r.run_name} ({r.status})" for r in failed.itertuples())
     return text
+
+
+def _experiment_id(client: MlflowClient) -> str:
+    """MLFLOW_EXPERIMENT_ID, else MLFLOW_EXPERIMENT_NAME (created if new), else the Default experiment."""
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if name:
+        experiment = client.get_experiment_by_name(name)
+        return experiment.experiment_id if experiment else client.create_experiment(name)
+    return "0"
 
 
 def sweep(experiment: str, seeds: int, workers: int, overrides: dict[str, str]) -> int:
@@ -199,10 +210,7 @@ def sweep(experiment: str, seeds: int, workers: int, overrides: dict[str, str]) 
     client.search_experiments(max_results=1)  # create or migrate the store once, before any fan-out
     key = sweep_key(experiment, seeds, overrides)
     current = os.environ.get("MLFLOW_RUN_ID")
-    experiment_id = (
-        client.get_run(current).info.experiment_id if current
-        else os.environ.get("MLFLOW_EXPERIMENT_ID") or mlflow.tracking.fluent._get_experiment_id()
-    )
+    experiment_id = client.get_run(current).info.experiment_id if current else _experiment_id(client)
     parent_id = find_parent(client, experiment_id, key, exclude=current)
     if parent_id and current:
         client.set_tag(current, "sweep_resumed", parent_id)
