@@ -25,6 +25,7 @@ DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100")
 MODELS = ("small-cnn", "wrn-16-4")
 BATCH_NORM_MODELS = ("wrn-16-4",)
 OPTIMIZERS = ("sgd", "adam")
+PRECISIONS = ("float32", "mixed_bfloat16")
 BATCH_GROWING_SCHEDULES = ("batch-growth", "step-batch", "step-hybrid", "noise-matched")
 MILESTONE_SCHEDULES = ("step-lr", "step-batch", "step-hybrid")
 
@@ -74,6 +75,12 @@ class Config:
     )
     max_device_batch_size: int = _field(
         0, "split larger batches into micro-batches of this size and accumulate; 0: no limit"
+    )
+    precision: str = _field(
+        "float32", f"{', '.join(PRECISIONS)} (Keras mixed precision: bfloat16 compute, float32 weights)"
+    )
+    jit_compile: bool = _field(
+        False, "compile the train step with XLA, padding batches to a few bucket sizes (zero-weight examples)"
     )
     seed: int = _field(0, "seed of the validation split, initialisation and shuffling (>= 0)")
     validation_size: int = _field(
@@ -259,6 +266,16 @@ def validate(config: Config) -> Config:
     _require(config.seed >= 0, "seed", config.seed, "a whole number >= 0")
     _require(
         config.validation_size >= 0, "validation_size", config.validation_size, "a whole number >= 0"
+    )
+    _require(
+        config.precision in PRECISIONS, "precision", config.precision, f"one of {', '.join(PRECISIONS)}"
+    )
+    _require(
+        not config.jit_compile or (config.ghost_batch_size == 0 and config.max_device_batch_size == 0),
+        "jit_compile",
+        config.jit_compile,
+        "false with ghost_batch_size or max_device_batch_size (padding examples would enter the "
+        "batch statistics; micro-batches are not padded)",
     )
     _require(
         config.data_dir == "" or os.path.isdir(config.data_dir),

@@ -16,6 +16,7 @@ The loop knows nothing of MLflow; tracking is a callback (``growing_batch.tracki
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Iterable, Mapping
 
@@ -82,6 +83,22 @@ class EpochProgbarLogger(keras.callbacks.ProgbarLogger):
         super().on_epoch_begin(epoch, logs)
 
 
+# With XLA, each batch shape is compiled anew; batches are padded up to the next of these sizes:
+# 8 · 2^(k/4) rounded up to a multiple of 8 — four sizes per doubling, powers of two among them, at
+# most 19 % padding plus the rounding.
+BUCKETS_PER_DOUBLING = 4
+
+
+def bucket_size(batch_size: int) -> int:
+    """The smallest size ≥ batch_size on the grid ceil8(8 · 2^(k/4)): 8, 16, 16, 16, 16, 24, ..., 128, 160."""
+    k = 0
+    while True:
+        rounded = 8 * math.ceil(2 ** (k / BUCKETS_PER_DOUBLING) - 1e-9)
+        if rounded >= batch_size:
+            return rounded
+        k += 1
+
+
 class TrainStep:
     """One compiled SGD step over a batch of any size; counts how often it is traced.
 
@@ -91,19 +108,41 @@ class TrainStep:
     one parameter update still sees the whole batch. (Batch-norm moving statistics, used only at
     inference, are updated once per micro-batch.) Without accumulation one function is traced,
     with it two (accumulate and apply); neither retraces when the batch size changes.
+
+    With ``jit_compile`` (XLA), every new batch shape is a new compilation, so each batch is padded
+    with zero-weight examples up to :func:`bucket_size`: the loss is the mean over the real examples
+    only, so the gradient is exactly the unpadded one. ``compiled_shapes`` holds the padded sizes
+    used (one XLA compilation each). ``pad_to_buckets`` pads without XLA (for tests).
     """
 
-    def __init__(self, model: keras.Model, loss: keras.losses.Loss, max_device_batch_size: int = 0):
+    def __init__(
+        self,
+        model: keras.Model,
+        loss: keras.losses.Loss,
+        max_device_batch_size: int = 0,
+        jit_compile: bool = False,
+        pad_to_buckets: bool | None = None,
+    ):
         self.model = model
         self.loss = loss
         self.max_device_batch_size = max_device_batch_size
+        self.pad_to_buckets = jit_compile if pad_to_buckets is None else pad_to_buckets
+        if self.pad_to_buckets and max_device_batch_size > 0:
+            raise ValueError("padding to buckets (jit_compile) and max_device_batch_size cannot be combined.")
         self.traces = 0
+        self.compiled_shapes: set[int] = set()
         self.loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False)
         self.correct = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.count = tf.Variable(0, dtype=tf.int64, trainable=False)
         image_spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
         label_spec = tf.TensorSpec((None,), tf.int32)
-        self.function = tf.function(self._step, input_signature=[image_spec, label_spec])
+        if self.pad_to_buckets:
+            mask_spec = tf.TensorSpec((None,), tf.float32)
+            self.function = tf.function(
+                self._padded_step, input_signature=[image_spec, label_spec, mask_spec], jit_compile=jit_compile
+            )
+        else:
+            self.function = tf.function(self._step, input_signature=[image_spec, label_spec])
         if max_device_batch_size > 0:
             self.accumulators = [
                 tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in model.trainable_variables
@@ -117,19 +156,25 @@ class TrainStep:
         self.correct.assign(0)
         self.count.assign(0)
 
-    def _loss_and_gradients(self, images, labels, weight=None):
+    def _loss_and_gradients(self, images, labels, weight=None, mask=None):
         with tf.GradientTape() as tape:
             logits = self.model(images, training=True)
-            loss = self.loss(labels, logits)
+            hit = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
+            if mask is None:
+                loss = self.loss(labels, logits)
+                size = tf.cast(tf.shape(labels)[0], tf.float32)
+            else:  # the mean over the real examples; padding weighs nothing
+                per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+                size = tf.reduce_sum(mask)
+                loss = tf.reduce_sum(tf.cast(per_example, tf.float32) * mask) / size
+                hit = hit * mask
             total = loss + tf.add_n(self.model.losses) if self.model.losses else loss
             if weight is not None:
                 total = weight * total
         gradients = tape.gradient(total, self.model.trainable_variables)
-        size = tf.shape(labels, out_type=tf.int64)[0]
-        hits = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.int64))
         self.loss_sum.assign_add(tf.cast(loss, tf.float64) * tf.cast(size, tf.float64))
-        self.correct.assign_add(hits)
-        self.count.assign_add(size)
+        self.correct.assign_add(tf.cast(tf.reduce_sum(hit), tf.int64))
+        self.count.assign_add(tf.cast(size, tf.int64))
         return gradients
 
     def _logs(self):
@@ -139,6 +184,12 @@ class TrainStep:
     def _step(self, images, labels):
         self.traces += 1  # Python side effect: runs once per trace, not per call
         gradients = self._loss_and_gradients(images, labels)
+        self.model.optimizer.apply(gradients, self.model.trainable_variables)
+        return self._logs()
+
+    def _padded_step(self, images, labels, mask):
+        self.traces += 1
+        gradients = self._loss_and_gradients(images, labels, mask=mask)
         self.model.optimizer.apply(gradients, self.model.trainable_variables)
         return self._logs()
 
@@ -158,6 +209,14 @@ class TrainStep:
 
     def __call__(self, images, labels):
         size = int(images.shape[0])
+        if self.pad_to_buckets:
+            padded = bucket_size(size)
+            self.compiled_shapes.add(padded)
+            extra = padded - size
+            images = tf.pad(images, [[0, extra]] + [[0, 0]] * (len(images.shape) - 1))
+            labels = tf.pad(labels, [[0, extra]])
+            mask = tf.concat([tf.ones(size, tf.float32), tf.zeros(extra, tf.float32)], 0)
+            return self.function(images, labels, mask)
         micro = self.max_device_batch_size
         if micro <= 0 or size <= micro:
             return self.function(images, labels)
@@ -202,6 +261,7 @@ def fit(
     callbacks: Iterable[keras.callbacks.Callback] = (),
     verbose: int = 1,
     max_device_batch_size: int = 0,
+    jit_compile: bool = False,
 ) -> keras.callbacks.History:
     """Train ``model`` (compiled with an optimizer and a loss) for ``epochs`` epochs.
 
@@ -210,14 +270,18 @@ def fit(
     schedule's ``learning_rate``, ``batch_size``, ``momentum``, ``noise_scale``, the cumulative
     ``updates`` and ``examples_seen``, and ``epoch_seconds`` (the training pass) with
     ``examples_per_second``. ``max_device_batch_size`` > 0 accumulates gradients over micro-batches
-    of at most that size (see :class:`TrainStep`).
+    of at most that size; ``jit_compile`` compiles the train step with XLA, padding batches to a
+    few bucket sizes (see :class:`TrainStep`).
     """
     if schedule_callback.batches is not batches:
         raise ValueError("schedule_callback must drive the same EpochBatches that fit trains on.")
-    train_step = TrainStep(model, model.loss, max_device_batch_size)
+    train_step = TrainStep(model, model.loss, max_device_batch_size, jit_compile)
     evaluator = Evaluator(model)
+    # The progress bar only when asked for: a callback with a per-batch hook makes Keras convert each
+    # batch's logs on the training thread (a device sync per step); without one it does so off-thread.
+    progress = [EpochProgbarLogger()] if verbose else []
     callback_list = keras.callbacks.CallbackList(
-        [schedule_callback, *callbacks, EpochProgbarLogger()],
+        [schedule_callback, *callbacks, *progress],
         add_history=True,
         model=model,
         verbose=verbose,

@@ -60,19 +60,27 @@ class GhostBatchNormalization(keras.layers.Layer):
 
     def build(self, input_shape):
         channels = (input_shape[-1],)
-        self.gamma = self.add_weight(shape=channels, initializer="ones", name="gamma")
-        self.beta = self.add_weight(shape=channels, initializer="zeros", name="beta")
-        self.moving_mean = self.add_weight(shape=channels, initializer="zeros", name="moving_mean", trainable=False)
+        # autocast=False: under mixed precision these stay float32 inside call, where the statistics are
+        self.gamma = self.add_weight(shape=channels, initializer="ones", name="gamma", autocast=False)
+        self.beta = self.add_weight(shape=channels, initializer="zeros", name="beta", autocast=False)
+        self.moving_mean = self.add_weight(
+            shape=channels, initializer="zeros", name="moving_mean", trainable=False, autocast=False
+        )
         self.moving_variance = self.add_weight(
-            shape=channels, initializer="ones", name="moving_variance", trainable=False
+            shape=channels, initializer="ones", name="moving_variance", trainable=False, autocast=False
         )
 
     def call(self, inputs, training=False):
         import tensorflow as tf
 
+        compute_dtype = inputs.dtype
+        inputs = tf.cast(inputs, tf.float32)  # statistics in float32, also under mixed precision
         if not training:
-            return tf.nn.batch_normalization(
-                inputs, self.moving_mean, self.moving_variance, self.beta, self.gamma, self.epsilon
+            return tf.cast(
+                tf.nn.batch_normalization(
+                    inputs, self.moving_mean, self.moving_variance, self.beta, self.gamma, self.epsilon
+                ),
+                compute_dtype,
             )
         batch = tf.shape(inputs)[0]
         groups = tf.range(batch) // self.ghost_batch_size
@@ -95,7 +103,7 @@ class GhostBatchNormalization(keras.layers.Layer):
         self.moving_variance.assign(
             self.momentum * self.moving_variance + (1 - self.momentum) * tf.reduce_mean(variance, 0)
         )
-        return outputs
+        return tf.cast(outputs, compute_dtype)
 
     def get_config(self):
         return {**super().get_config(), "ghost_batch_size": self.ghost_batch_size,
@@ -151,7 +159,7 @@ def wide_resnet(
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     logits = keras.layers.Dense(
         num_classes, kernel_initializer=keras.initializers.HeNormal(seed=seed * 1000 + next(counter)),
-        kernel_regularizer=regularizer, name="logits",
+        kernel_regularizer=regularizer, dtype="float32", name="logits",
     )(x)
     return keras.Model(inputs, logits, name=f"wrn_{depth}_{width}")
 
@@ -176,7 +184,7 @@ def small_cnn(
     x = keras.layers.Dense(512, activation="relu", kernel_initializer=init(4), kernel_regularizer=regularizer,
                            name="dense")(x)
     logits = keras.layers.Dense(num_classes, kernel_initializer=init(5), kernel_regularizer=regularizer,
-                                name="logits")(x)
+                                dtype="float32", name="logits")(x)  # float32 logits under mixed precision
     return keras.Model(inputs, logits, name="small_cnn")
 
 

@@ -144,7 +144,9 @@ def history_csv(rows: list[dict]) -> str:
 class TrackingCallback(keras.callbacks.Callback):
     """Logs each epoch's metrics at ``step = epoch`` (from 1) and, at the end, the history files.
 
-    All numbers in the epoch's logs are logged, in one batched call per epoch.
+    All numbers in the epoch's logs are logged in one batched call per epoch, asynchronously
+    (MLflow's logging queue), so training does not wait for the store; ``on_train_end`` waits until
+    every point is stored. ``logging_seconds`` is the time the training thread spent in logging.
     """
 
     def __init__(self, run_id: str, title: str = ""):
@@ -153,8 +155,11 @@ class TrackingCallback(keras.callbacks.Callback):
         self.title = title
         self.client = MlflowClient()
         self.rows: list[dict] = []
+        self.logging_seconds = 0.0
+        self._pending = []
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
+        started = time.perf_counter()
         step = epoch + 1
         timestamp = int(time.time() * 1000)
         numbers = {
@@ -163,13 +168,23 @@ class TrackingCallback(keras.callbacks.Callback):
             if isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
         }
         self.rows.append({"epoch": step, **numbers})
-        self.client.log_batch(
-            self.run_id,
-            metrics=[Metric(key, value, timestamp, step) for key, value in numbers.items()],
-            synchronous=True,
+        self._pending.append(
+            self.client.log_batch(
+                self.run_id,
+                metrics=[Metric(key, value, timestamp, step) for key, value in numbers.items()],
+                synchronous=False,
+            )
         )
+        self.logging_seconds += time.perf_counter() - started
+
+    def wait(self) -> None:
+        """Block until every metric point logged so far is in the store."""
+        for operation in self._pending:
+            operation.wait()
+        self._pending = []
 
     def on_train_end(self, logs=None) -> None:
+        self.wait()
         log_history(self.run_id, self.rows, self.title)
 
 

@@ -59,6 +59,7 @@ def train(config: Config, extra_callbacks: Sequence = (), verbose: int = 1, give
     from growing_batch import loop, models, tracking
 
     keras.utils.set_random_seed(config.seed)
+    keras.mixed_precision.set_global_policy(config.precision)
     model = models.build(
         config.model, splits.image_shape, splits.num_classes, config.seed, config.weight_decay, config.ghost_batch_size
     )
@@ -101,7 +102,10 @@ def train(config: Config, extra_callbacks: Sequence = (), verbose: int = 1, give
             callbacks=[*extra_callbacks, tracking.TrackingCallback(run_id, tracking.run_name(config))],
             verbose=verbose,
             max_device_batch_size=config.max_device_batch_size,
+            jit_compile=config.jit_compile,
         )
+        step = model.train_step_function
+        mlflow.log_metrics({"train_step_traces": step.traces, "xla_compilations": len(step.compiled_shapes)})
         tracking.log_model(model, data.scale(splits.train.images[:8]))
         last = {name: values[-1] for name, values in history.history.items()}
         print(

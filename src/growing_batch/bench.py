@@ -1,0 +1,327 @@
+"""The ``bench`` entry point: the schedule-driven loop against plain Keras ``fit``, side by side.
+
+    mlflow run . --env-manager local -e bench -P output=bench.json -P quick=true
+    python -m growing_batch.bench --output bench.json [--quick true]
+
+In one process, on the same data (random CIFAR-shaped images, the reproduction's CNN), it measures
+and prints:
+
+1. ``fit_ratio``: examples/second of ``growing_batch.loop.fit`` over plain ``model.fit`` at a fixed
+   batch size, for B = 128, 1,024, 4,096 and the largest that fits (here: the whole training set),
+   the median of several repetitions. One epoch is the same work for both: a training pass over the
+   training set and an evaluation of the test set (``validation_data`` for ``fit``; ``fit`` evaluates
+   at its training batch size, the loop at 1,024). The first epoch (tracing) is not timed.
+2. ``train_step_traces``: how often the train step is traced during a ``batch-growth`` run with at
+   least 30 distinct batch sizes (target: 1).
+3. ``logging_fraction``: the training thread's seconds in MLflow logging per epoch over the epoch's
+   seconds, during a tracked run against a temporary sqlite store (target: under 1 %).
+4. ``epoch_seconds`` and ``achieved_flops`` per batch size, against ``peak_flops``: the machine's
+   matrix-multiply peak, measured here for float32 and bfloat16.
+5. ``quick_comparison``: the main job's comparison (lr-decay against noise-matched on
+   Fashion-MNIST-shaped data) — wall-clock seconds per schedule and the seconds each took to reach
+   the LR-decay run's final test accuracy.
+
+``quick`` shrinks every part to finish in under two minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from growing_batch.config import OneLineParser
+from growing_batch.errors import exit_with_error
+
+FULL = dict(train=45_000, test=10_000, repetitions=5, batch_sizes=(128, 1024, 4096, 45_000), growth_epochs=32,
+            logging_epochs=5, comparison_epochs=10, comparison_train=55_000, matmul=4096)
+QUICK = dict(train=8_192, test=2_048, repetitions=3, batch_sizes=(128, 1024, 4096, 8_192), growth_epochs=30,
+             logging_epochs=3, comparison_epochs=4, comparison_train=8_192, matmul=2048)
+
+
+def forward_flops(model) -> int:
+    """Multiply-adds × 2 of one example's forward pass through the convolutions and dense layers."""
+    import keras
+
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            height, width, channels = layer.output.shape[1:]
+            kernel = layer.kernel.shape
+            total += 2 * height * width * channels * kernel[0] * kernel[1] * kernel[2]
+        elif isinstance(layer, keras.layers.Dense):
+            total += 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
+    return int(total)
+
+
+def matmul_peak(size: int, dtype: str, repetitions: int = 5) -> float:
+    """FLOP/s of a size × size matrix product, the best of ``repetitions``."""
+    import tensorflow as tf
+
+    a = tf.random.normal((size, size), dtype=tf.float32)
+    b = tf.random.normal((size, size), dtype=tf.float32)
+    a, b = tf.cast(a, dtype), tf.cast(b, dtype)
+    product = tf.function(lambda x, y: tf.reduce_sum(tf.cast(tf.linalg.matmul(x, y)[0, 0], tf.float32)))
+    product(a, b)  # trace and warm up
+    best = float("inf")
+    for _ in range(repetitions):
+        started = time.perf_counter()
+        product(a, b).numpy()
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def synthetic_splits(train: int, test: int, shape=(32, 32, 3), seed: int = 0):
+    from growing_batch.data import DataSplits, Split
+
+    rng = np.random.default_rng(seed)
+
+    def split(count):
+        labels = rng.integers(0, 10, count).astype(np.int32)
+        images = rng.integers(0, 256, (count, *shape)).astype(np.uint8)
+        images[np.arange(count), labels % shape[0]] //= 4  # a little signal: a darker row per class
+        return Split(images, labels)
+
+    return DataSplits("synthetic", "numpy", split(train), Split(np.zeros((0, *shape), np.uint8), np.zeros(0, np.int32)),
+                      split(test))
+
+
+def _model(splits, seed=0, learning_rate=0.01):
+    import keras
+
+    from growing_batch import models
+
+    keras.utils.set_random_seed(seed)
+    model = models.build("small-cnn", splits.image_shape, 10, seed)
+    return models.compile_for_training(model, models.build_optimizer("sgd", learning_rate))
+
+
+def time_loop(splits, batch_size: int, repetitions: int) -> list[float]:
+    """Seconds per epoch (train + test evaluation) of growing_batch.loop.fit, after one warm-up epoch."""
+    import functools
+
+    from growing_batch import data, loop, schedules
+
+    model = _model(splits)
+    batches = data.EpochBatches(splits.train, seed=0)
+    schedule = functools.partial(schedules.constant, learning_rate=0.01, batch_size=batch_size)
+    evaluation = {"test": data.evaluation_batches(splits.test, 1024)}
+
+    class Timer(__import__("keras").callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self.started)
+
+    timer = Timer()
+    loop.fit(model, batches, loop.ScheduleCallback(schedule, batches), epochs=repetitions + 1,
+             evaluation=evaluation, callbacks=[timer], verbose=0)
+    return timer.seconds[1:]
+
+
+def time_keras_fit(splits, batch_size: int, repetitions: int) -> list[float]:
+    """Seconds per epoch of plain model.fit on float32 arrays, with the test set as validation_data."""
+    import keras
+
+    from growing_batch.data import scale
+
+    model = _model(splits)
+    x, y = scale(splits.train.images), splits.train.labels
+    validation = (scale(splits.test.images), splits.test.labels)
+
+    class Timer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self.started)
+
+    timer = Timer()
+    model.fit(x, y, batch_size=batch_size, epochs=repetitions + 1, validation_data=validation, callbacks=[timer],
+              verbose=0, shuffle=True)
+    return timer.seconds[1:]
+
+
+def count_traces(epochs: int) -> dict:
+    """Train-step traces during a batch-growth run whose batch size differs every epoch."""
+    import functools
+
+    from growing_batch import data, loop, schedules
+
+    splits = synthetic_splits(4096, 256, shape=(28, 28, 1))
+    model = _model(splits)
+    batches = data.EpochBatches(splits.train, seed=0)
+    schedule = functools.partial(schedules.batch_growth, learning_rate=0.01, batch_size=16, batch_growth=1.15,
+                                 max_batch_size=4096)
+    history = loop.fit(model, batches, loop.ScheduleCallback(schedule, batches), epochs=epochs, verbose=0)
+    sizes = history.history["batch_size"]
+    return {"train_step_traces": model.train_step_function.traces, "distinct_batch_sizes": len(set(sizes))}
+
+
+def logging_fraction(splits, epochs: int) -> dict:
+    """The tracking callback's share of the epoch time, against a temporary sqlite store."""
+    import functools
+
+    import mlflow
+
+    from growing_batch import data, loop, schedules, tracking
+
+    with tempfile.TemporaryDirectory() as folder:
+        mlflow.set_tracking_uri(f"sqlite:///{folder}/mlflow.db")
+        experiment = mlflow.create_experiment("bench", artifact_location=os.path.join(folder, "artifacts"))
+        with mlflow.start_run(experiment_id=experiment) as run:
+            model = _model(splits)
+            batches = data.EpochBatches(splits.train, seed=0)
+            schedule = functools.partial(schedules.lr_decay, learning_rate=0.01, batch_size=128, lr_decay=0.9)
+            callback = tracking.TrackingCallback(run.info.run_id)
+            history = loop.fit(model, batches, loop.ScheduleCallback(schedule, batches), epochs=epochs,
+                               evaluation={"test": data.evaluation_batches(splits.test, 1024)},
+                               callbacks=[callback], verbose=0)
+            callback.wait()
+        mlflow.set_tracking_uri(None)
+    epoch_seconds = sum(history.history["epoch_seconds"])
+    return {"logging_seconds_per_epoch": callback.logging_seconds / epochs,
+            "logging_fraction": callback.logging_seconds / epoch_seconds}
+
+
+def quick_comparison(settings: dict) -> dict:
+    """lr-decay against noise-matched (the main job), wall-clock and time to lr-decay's final accuracy."""
+    import functools
+
+    from growing_batch import data, loop, schedules
+
+    splits = synthetic_splits(settings["comparison_train"], 2048, shape=(28, 28, 1), seed=1)
+    n = len(splits.train)
+    results = {}
+    for name, function in (("lr-decay", schedules.lr_decay), ("noise-matched", schedules.noise_matched)):
+        arguments = dict(learning_rate=0.1, batch_size=128, lr_decay=0.9)
+        if name == "noise-matched":
+            arguments["max_batch_size"] = schedules.default_max_batch_size(n)
+        schedule = functools.partial(function, **arguments)
+        model = _model(splits, learning_rate=0.1)
+        batches = data.EpochBatches(splits.train, seed=0)
+        started = time.perf_counter()
+        stamps = []
+
+        class Stamp(__import__("keras").callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                stamps.append((time.perf_counter() - started, logs["test_accuracy"]))
+
+        loop.fit(model, batches, loop.ScheduleCallback(schedule, batches), epochs=settings["comparison_epochs"],
+                 evaluation={"test": data.evaluation_batches(splits.test, 1024)}, callbacks=[Stamp()], verbose=0)
+        results[name] = {"wall_seconds": stamps[-1][0], "final_test_accuracy": stamps[-1][1], "stamps": stamps}
+    target = results["lr-decay"]["final_test_accuracy"]
+    for result in results.values():
+        reached = [seconds for seconds, accuracy in result["stamps"] if accuracy >= target]
+        result["seconds_to_lr_decay_final_accuracy"] = reached[0] if reached else None
+        del result["stamps"]
+    return results
+
+
+def run(quick: bool) -> dict:
+    import tensorflow as tf
+
+    settings = QUICK if quick else FULL
+    results: dict = {"quick": quick, "settings": settings, "tensorflow": tf.__version__,
+                     "devices": [d.device_type for d in tf.config.list_physical_devices()]}
+    results["peak_flops"] = {dtype: matmul_peak(settings["matmul"], dtype) for dtype in ("float32", "bfloat16")}
+    splits = synthetic_splits(settings["train"], settings["test"])
+    flops_per_example = 3 * forward_flops(_model(splits))  # forward + backward ≈ 3 × forward
+    results["training_flops_per_example"] = flops_per_example
+    fit_ratio, epoch_seconds, loop_rate, fit_rate, achieved = {}, {}, {}, {}, {}
+    for batch_size in settings["batch_sizes"]:
+        loop_times = time_loop(splits, batch_size, settings["repetitions"])
+        fit_times = time_keras_fit(splits, batch_size, settings["repetitions"])
+        examples = settings["train"] + settings["test"]
+        loop_rate[batch_size] = examples / statistics.median(loop_times)
+        fit_rate[batch_size] = examples / statistics.median(fit_times)
+        fit_ratio[batch_size] = loop_rate[batch_size] / fit_rate[batch_size]
+        epoch_seconds[batch_size] = statistics.median(loop_times)
+        achieved[batch_size] = flops_per_example * settings["train"] / epoch_seconds[batch_size]
+        print(f"B={batch_size:>6}: loop {loop_rate[batch_size]:>9,.0f} ex/s, fit {fit_rate[batch_size]:>9,.0f} ex/s, "
+              f"ratio {fit_ratio[batch_size]:.2f}", flush=True)
+    results.update(fit_ratio=fit_ratio, loop_examples_per_second=loop_rate, fit_examples_per_second=fit_rate,
+                   epoch_seconds=epoch_seconds, achieved_flops=achieved)
+    results.update(count_traces(settings["growth_epochs"]))
+    results.update(logging_fraction(splits, settings["logging_epochs"]))
+    results["quick_comparison"] = quick_comparison(settings)
+    return results
+
+
+def format_results(results: dict) -> str:
+    peak = results["peak_flops"]
+    lines = [
+        f"matrix-multiply peak: float32 {peak['float32'] / 1e9:,.1f} GFLOP/s, bfloat16 {peak['bfloat16'] / 1e9:,.1f} GFLOP/s",
+        f"{'batch':>7} {'loop ex/s':>10} {'fit ex/s':>10} {'ratio':>6} {'epoch s':>8} {'GFLOP/s':>8} {'% of fp32 peak':>14}",
+    ]
+    for batch_size, ratio in results["fit_ratio"].items():
+        achieved = results["achieved_flops"][batch_size]
+        lines.append(
+            f"{batch_size:>7} {results['loop_examples_per_second'][batch_size]:>10,.0f} "
+            f"{results['fit_examples_per_second'][batch_size]:>10,.0f} {ratio:>6.2f} "
+            f"{results['epoch_seconds'][batch_size]:>8.2f} {achieved / 1e9:>8.1f} {100 * achieved / peak['float32']:>13.1f}%"
+        )
+    lines.append(f"train-step traces over {results['distinct_batch_sizes']} distinct batch sizes: {results['train_step_traces']}")
+    lines.append(f"MLflow logging: {results['logging_seconds_per_epoch'] * 1000:.1f} ms per epoch, "
+                 f"{100 * results['logging_fraction']:.2f} % of the epoch")
+    for name, result in results["quick_comparison"].items():
+        reached = result["seconds_to_lr_decay_final_accuracy"]
+        lines.append(f"quick comparison, {name}: {result['wall_seconds']:.1f} s, final test accuracy "
+                     f"{result['final_test_accuracy']:.4f}, lr-decay's final accuracy after "
+                     f"{'%.1f s' % reached if reached is not None else 'never'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = OneLineParser(prog="python -m growing_batch.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default="bench.json", help="where to write the JSON results")
+    parser.add_argument("--quick", default="false", help="true: under two minutes on a 2-core CPU")
+    try:
+        arguments = parser.parse_args(argv)
+        quick = _parse_bool(arguments.quick)
+    except ValueError as error:
+        return exit_with_error(str(error))
+    started = time.perf_counter()
+    results = run(quick)
+    results["bench_seconds"] = time.perf_counter() - started
+    print(format_results(results))
+    with open(arguments.output, "w") as handle:
+        json.dump(results, handle, indent=2)
+    print(f"wrote {arguments.output} ({results['bench_seconds']:.0f} s)")
+    try:
+        import mlflow
+
+        if os.environ.get("MLFLOW_RUN_ID"):
+            mlflow.log_artifact(arguments.output)
+    except Exception as error:  # the file is written; the artifact is a convenience
+        print(f"warning: could not log {arguments.output} to MLflow: {error}", file=sys.stderr)
+    return 0
+
+
+def _parse_bool(text: str) -> bool:
+    from growing_batch.config import ConfigError
+
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no", ""):
+        return False
+    raise ConfigError(f"quick={text!r} is not allowed: expected true or false.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
