@@ -11,6 +11,9 @@ def test_run_names_are_readable():
     assert tracking.run_name(Config(schedule="batch-growth")) == "batch-growth b128x1.037 lr0.1 s0"
     assert tracking.run_name(Config(schedule="lr-decay", seed=3)) == "lr-decay b128 lr0.1x0.9 s3"
     assert tracking.run_name(Config(schedule="noise-matched")) == "noise-matched b128x1.1111 lr0.1 s0"
+    assert tracking.run_name(Config(preset="repro-hybrid", schedule="noise-matched", max_batch_size=1024)) == (
+        "repro-hybrid: noise-matched b128x1.1111 lr0.1 s0"
+    )
     assert tracking.run_name(Config(schedule="step-batch", momentum=0.9, nesterov=True)) == (
         "step-batch b128 lr0.1 /5@60,120,160 sgd-nesterov m0.9 s0"
     )

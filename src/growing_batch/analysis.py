@@ -9,7 +9,7 @@ schedule over seeds, and the command that opens the MLflow UI on the same store.
 Two tables describe a set of runs:
 
 * ``runs``: one row per run — ``run_id``, ``run_name``, ``status``, ``member`` (the sweep member: a
-  preset or schedule name; the ``schedule`` tag for runs outside a sweep), ``schedule``, ``seed``,
+  preset or schedule name; outside a sweep the run's preset, else its schedule), ``schedule``, ``seed``,
   ``start_time`` and every ``resolved.*`` param (without the prefix, e.g. ``batch_size``) under
   ``param_<name>``;
 * ``history``: one row per run and epoch — ``run_id``, ``member``, ``seed``, ``epoch`` and every
@@ -66,7 +66,7 @@ def load_runs(
         tags, params = run.data.tags, run.data.params
         if latest_only and tags.get("sweep_superseded") == "true":
             continue
-        member = tags.get("sweep_member") or tags.get("schedule", "")
+        member = tags.get("sweep_member") or params.get("resolved.preset") or tags.get("schedule", "")
         seed = int(params.get("resolved.seed", tags.get("sweep_seed", 0)) or 0)
         row = {
             "run_id": run.info.run_id,
@@ -158,11 +158,11 @@ def schedule_summary(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_run_table(per_run: pd.DataFrame) -> str:
-    header = f"{'run':<36} {'status':<9} {'epochs':>6} {'final acc':>9} {'best acc':>9} {'updates':>8} {'wall s':>8}  run id"
+    header = f"{'run':<46} {'status':<9} {'epochs':>6} {'final acc':>9} {'best acc':>9} {'updates':>8} {'wall s':>8}  run id"
     lines = [header, "-" * len(header)]
     for row in per_run.itertuples():
         lines.append(
-            f"{str(row.run_name)[:36]:<36} {row.status:<9} {row.epochs:>6} {row.final_test_accuracy:>9.4f} "
+            f"{str(row.run_name)[:46]:<46} {row.status:<9} {row.epochs:>6} {row.final_test_accuracy:>9.4f} "
             f"{row.best_test_accuracy:>9.4f} {row.updates:>8,} {row.wall_seconds:>8.1f}  {row.run_id}"
         )
     return "\n".join(lines)

@@ -49,7 +49,7 @@ def _number(value: float) -> str:
 
 
 def run_name(config: Config) -> str:
-    """A readable name, e.g. ``batch-growth b128x1.037 lr0.1 s0``."""
+    """A readable name, e.g. ``batch-growth b128x1.037 lr0.1 s0`` (``repro-ibs: batch-growth ...``)."""
     batch = f"b{config.batch_size}"
     rate = f"lr{_number(config.learning_rate)}"
     if config.schedule == "lr-decay":
@@ -62,7 +62,8 @@ def run_name(config: Config) -> str:
         rate += f" /{_number(config.step_factor)}@{format_value(config.milestones)}"
     if config.optimizer != "sgd" or config.momentum:
         rate += f" {config.optimizer}{'-nesterov' if config.nesterov else ''} m{_number(config.momentum)}"
-    return f"{config.schedule} {batch} {rate} s{config.seed}"
+    name = f"{config.schedule} {batch} {rate} s{config.seed}"
+    return f"{config.preset}: {name}" if config.preset else name
 
 
 def git_commit() -> str | None:
@@ -84,6 +85,8 @@ def start_run(config: Config, given: dict[str, str] | None = None) -> mlflow.Act
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_SECONDS)
     active = mlflow.start_run(run_name=run_name(config), log_system_metrics=True)
     tags = {"schedule": config.schedule, "dataset": config.dataset, "model": config.model}
+    if config.preset:
+        tags["preset"] = config.preset
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
