@@ -12,7 +12,7 @@ EXPERIMENT ?= quick-fashion-mnist
 EPOCHS ?= 10
 MLFLOW_RUN := mlflow run . --env-manager local --experiment-name $(EXPERIMENT)
 
-.PHONY: setup data main test constraints ui repro-fashion-mnist
+.PHONY: setup data main test constraints ui repro-fashion-mnist bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ repro-fashion-mnist: data
 	    -P preset=$$preset -P dataset=fashion_mnist || exit 1; \
 	done
 	python -m growing_batch.analysis --experiment_name $(REPRO_EXPERIMENT)
+
+# The loop against plain Keras fit (README, "Performance"); QUICK=true for under two minutes.
+QUICK ?= false
+bench: setup
+	mlflow run . --env-manager local --experiment-name bench -e bench -P output=$(CURDIR)/bench.json -P quick=$(QUICK)
 
 test: setup
 	python -m pytest

@@ -205,3 +205,21 @@ def test_augmented_epochs_differ_but_repeat_with_the_seed(splits):
     unaugmented = [images.numpy() for images, _ in plain.dataset(epoch=0)]
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert not all(np.array_equal(a, b) for a, b in zip(first, unaugmented))
+
+
+def test_fitting_again_reuses_the_compiled_step(splits):
+    schedule = functools.partial(schedules.constant, learning_rate=0.05, batch_size=50)
+    model, _ = train(splits, schedule, epochs=1)
+    step = model.train_step_function
+    train(splits, functools.partial(schedules.constant, learning_rate=0.05, batch_size=70), epochs=1, model=model)
+    assert model.train_step_function is step and step.traces == 1
+
+
+def test_batch_hooks_are_detected():
+    class PerBatch(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            pass
+
+    assert loop._has_batch_hooks(PerBatch())
+    assert loop._has_batch_hooks(loop.EpochProgbarLogger())
+    assert not loop._has_batch_hooks(keras.callbacks.Callback())

@@ -8,17 +8,19 @@ and prints:
 
 1. ``fit_ratio``: examples/second of ``growing_batch.loop.fit`` over plain ``model.fit`` at a fixed
    batch size, for B = 128, 1,024, 4,096 and the largest that fits (here: the whole training set),
-   the median of several repetitions. One epoch is the same work for both: a training pass over the
-   training set and an evaluation of the test set (``validation_data`` for ``fit``; ``fit`` evaluates
-   at its training batch size, the loop at 1,024). The first epoch (tracing) is not timed.
+   the median of several epochs, alternating between the two. One epoch is the same work for both: a
+   training pass over the training set and an evaluation of the test set (``validation_data`` for
+   ``fit``; ``fit`` evaluates at its training batch size, the loop at 4,096). The first epoch (tracing)
+   is not timed.
 2. ``train_step_traces``: how often the train step is traced during a ``batch-growth`` run with at
    least 30 distinct batch sizes (target: 1).
 3. ``logging_fraction``: the training thread's seconds in MLflow logging per epoch over the epoch's
    seconds, during a tracked run against a temporary sqlite store (target: under 1 %).
 4. ``epoch_seconds`` and ``achieved_flops`` per batch size, against ``peak_flops``: the machine's
-   matrix-multiply peak, measured here for float32 and bfloat16.
-5. ``quick_comparison``: the main job's comparison (lr-decay against noise-matched on
-   Fashion-MNIST-shaped data) — wall-clock seconds per schedule and the seconds each took to reach
+   matrix-multiply peak, measured here for float32 and bfloat16; and ``loop_variants``: the loop's
+   speed-up at B = 1,024 with XLA (``jit_compile``) and with ``mixed_bfloat16``.
+5. ``quick_comparison``: the main job's comparison (lr-decay against noise-matched on Fashion-MNIST,
+   or synthetic images of its shape where it cannot be read) — wall-clock seconds per schedule and the seconds each took to reach
    the LR-decay run's final test accuracy.
 
 ``quick`` shrinks every part to finish in under two minutes on a 2-core CPU.
@@ -101,59 +103,86 @@ def _model(splits, seed=0, learning_rate=0.01):
     return models.compile_for_training(model, models.build_optimizer("sgd", learning_rate))
 
 
-def time_loop(splits, batch_size: int, repetitions: int) -> list[float]:
-    """Seconds per epoch (train + test evaluation) of growing_batch.loop.fit, after one warm-up epoch."""
-    import functools
+class _EpochTimer:
+    """Seconds of one epoch of either trainer, on its own model, the first call not timed."""
 
-    from growing_batch import data, loop, schedules
+    def __init__(self, splits, batch_size: int, trainer: str, jit_compile: bool = False, precision: str = "float32"):
+        import functools
 
-    model = _model(splits)
-    batches = data.EpochBatches(splits.train, seed=0)
-    schedule = functools.partial(schedules.constant, learning_rate=0.01, batch_size=batch_size)
-    evaluation = {"test": data.evaluation_batches(splits.test, 1024)}
+        import keras
 
-    class Timer(__import__("keras").callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.seconds = []
+        from growing_batch import data, loop, schedules
 
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.perf_counter()
+        self.trainer = trainer
+        self.jit_compile = jit_compile
+        keras.mixed_precision.set_global_policy(precision)
+        try:
+            self.model = _model(splits)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        if trainer == "loop":
+            self.batches = data.EpochBatches(splits.train, seed=0)
+            schedule = functools.partial(schedules.constant, learning_rate=0.01, batch_size=batch_size)
+            self.callback = loop.ScheduleCallback(schedule, self.batches)
+            self.evaluation = {"test": data.evaluation_batches(splits.test)}
+        else:
+            self.x, self.y = data.scale(splits.train.images), splits.train.labels
+            self.validation = (data.scale(splits.test.images), splits.test.labels)
+        self.batch_size = batch_size
+        self.epoch()  # trace and warm up
 
-        def on_epoch_end(self, epoch, logs=None):
-            self.seconds.append(time.perf_counter() - self.started)
+    def epoch(self) -> float:
+        """One epoch, timed from on_epoch_begin to on_epoch_end (each call's set-up is not counted)."""
+        import keras
 
-    timer = Timer()
-    loop.fit(model, batches, loop.ScheduleCallback(schedule, batches), epochs=repetitions + 1,
-             evaluation=evaluation, callbacks=[timer], verbose=0)
-    return timer.seconds[1:]
+        from growing_batch import loop
+
+        seconds = []
+
+        class Timer(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.started = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                seconds.append(time.perf_counter() - self.started)
+
+        if self.trainer == "loop":
+            loop.fit(self.model, self.batches, self.callback, epochs=1, evaluation=self.evaluation,
+                     callbacks=[Timer()], verbose=0, jit_compile=self.jit_compile)
+        else:
+            self.model.fit(self.x, self.y, batch_size=self.batch_size, epochs=1, validation_data=self.validation,
+                           callbacks=[Timer()], verbose=0, shuffle=True)
+        return seconds[0]
 
 
-def time_keras_fit(splits, batch_size: int, repetitions: int) -> list[float]:
-    """Seconds per epoch of plain model.fit on float32 arrays, with the test set as validation_data."""
-    import keras
+def time_side_by_side(splits, batch_size: int, repetitions: int) -> tuple[list[float], list[float]]:
+    """Epoch seconds of growing_batch.loop.fit and of plain model.fit, alternating epoch by epoch.
 
-    from growing_batch.data import scale
+    An epoch is the same work for both: a training pass and an evaluation of the test set
+    (``validation_data`` for ``fit``, at its batch size; the loop evaluates at 4,096). Alternating
+    exposes both to the same background load of a shared machine.
+    """
+    ours, theirs = _EpochTimer(splits, batch_size, "loop"), _EpochTimer(splits, batch_size, "fit")
+    loop_times, fit_times = [], []
+    for _ in range(repetitions):
+        loop_times.append(ours.epoch())
+        fit_times.append(theirs.epoch())
+    return loop_times, fit_times
 
-    model = _model(splits)
-    x, y = scale(splits.train.images), splits.train.labels
-    validation = (scale(splits.test.images), splits.test.labels)
 
-    class Timer(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.seconds = []
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.seconds.append(time.perf_counter() - self.started)
-
-    timer = Timer()
-    model.fit(x, y, batch_size=batch_size, epochs=repetitions + 1, validation_data=validation, callbacks=[timer],
-              verbose=0, shuffle=True)
-    return timer.seconds[1:]
+def loop_variants(splits, batch_size: int, repetitions: int) -> dict:
+    """The loop's epoch seconds with XLA and with mixed_bfloat16, each alternating with plain float32."""
+    results = {}
+    for name, options in (("xla", {"jit_compile": True}), ("mixed_bfloat16", {"precision": "mixed_bfloat16"})):
+        plain, variant = _EpochTimer(splits, batch_size, "loop"), _EpochTimer(splits, batch_size, "loop", **options)
+        plain_times, variant_times = [], []
+        for _ in range(repetitions):
+            plain_times.append(plain.epoch())
+            variant_times.append(variant.epoch())
+        results[name] = {"batch_size": batch_size, "float32_seconds": statistics.median(plain_times),
+                         "seconds": statistics.median(variant_times),
+                         "speedup": statistics.median(plain_times) / statistics.median(variant_times)}
+    return results
 
 
 def count_traces(epochs: int) -> dict:
@@ -189,7 +218,7 @@ def logging_fraction(splits, epochs: int) -> dict:
             schedule = functools.partial(schedules.lr_decay, learning_rate=0.01, batch_size=128, lr_decay=0.9)
             callback = tracking.TrackingCallback(run.info.run_id)
             history = loop.fit(model, batches, loop.ScheduleCallback(schedule, batches), epochs=epochs,
-                               evaluation={"test": data.evaluation_batches(splits.test, 1024)},
+                               evaluation={"test": data.evaluation_batches(splits.test)},
                                callbacks=[callback], verbose=0)
             callback.wait()
         mlflow.set_tracking_uri(None)
@@ -204,9 +233,12 @@ def quick_comparison(settings: dict) -> dict:
 
     from growing_batch import data, loop, schedules
 
-    splits = synthetic_splits(settings["comparison_train"], 2048, shape=(28, 28, 1), seed=1)
+    try:  # the main job's data where it can be read, else synthetic images of its shape
+        splits = data.load("fashion_mnist", validation_size=5000, max_examples=settings["comparison_train"])
+    except data.DataError:
+        splits = synthetic_splits(settings["comparison_train"], 2048, shape=(28, 28, 1), seed=1)
+    results: dict = {"data": splits.name}
     n = len(splits.train)
-    results = {}
     for name, function in (("lr-decay", schedules.lr_decay), ("noise-matched", schedules.noise_matched)):
         arguments = dict(learning_rate=0.1, batch_size=128, lr_decay=0.9)
         if name == "noise-matched":
@@ -222,10 +254,10 @@ def quick_comparison(settings: dict) -> dict:
                 stamps.append((time.perf_counter() - started, logs["test_accuracy"]))
 
         loop.fit(model, batches, loop.ScheduleCallback(schedule, batches), epochs=settings["comparison_epochs"],
-                 evaluation={"test": data.evaluation_batches(splits.test, 1024)}, callbacks=[Stamp()], verbose=0)
+                 evaluation={"test": data.evaluation_batches(splits.test)}, callbacks=[Stamp()], verbose=0)
         results[name] = {"wall_seconds": stamps[-1][0], "final_test_accuracy": stamps[-1][1], "stamps": stamps}
     target = results["lr-decay"]["final_test_accuracy"]
-    for result in results.values():
+    for result in (results["lr-decay"], results["noise-matched"]):
         reached = [seconds for seconds, accuracy in result["stamps"] if accuracy >= target]
         result["seconds_to_lr_decay_final_accuracy"] = reached[0] if reached else None
         del result["stamps"]
@@ -244,8 +276,7 @@ def run(quick: bool) -> dict:
     results["training_flops_per_example"] = flops_per_example
     fit_ratio, epoch_seconds, loop_rate, fit_rate, achieved = {}, {}, {}, {}, {}
     for batch_size in settings["batch_sizes"]:
-        loop_times = time_loop(splits, batch_size, settings["repetitions"])
-        fit_times = time_keras_fit(splits, batch_size, settings["repetitions"])
+        loop_times, fit_times = time_side_by_side(splits, batch_size, settings["repetitions"])
         examples = settings["train"] + settings["test"]
         loop_rate[batch_size] = examples / statistics.median(loop_times)
         fit_rate[batch_size] = examples / statistics.median(fit_times)
@@ -256,6 +287,7 @@ def run(quick: bool) -> dict:
               f"ratio {fit_ratio[batch_size]:.2f}", flush=True)
     results.update(fit_ratio=fit_ratio, loop_examples_per_second=loop_rate, fit_examples_per_second=fit_rate,
                    epoch_seconds=epoch_seconds, achieved_flops=achieved)
+    results["loop_variants"] = loop_variants(splits, 1024, settings["repetitions"])
     results.update(count_traces(settings["growth_epochs"]))
     results.update(logging_fraction(splits, settings["logging_epochs"]))
     results["quick_comparison"] = quick_comparison(settings)
@@ -275,12 +307,17 @@ def format_results(results: dict) -> str:
             f"{results['fit_examples_per_second'][batch_size]:>10,.0f} {ratio:>6.2f} "
             f"{results['epoch_seconds'][batch_size]:>8.2f} {achieved / 1e9:>8.1f} {100 * achieved / peak['float32']:>13.1f}%"
         )
+    for name, variant in results["loop_variants"].items():
+        lines.append(f"loop at B={variant['batch_size']} with {name}: {variant['seconds']:.2f} s per epoch against "
+                     f"{variant['float32_seconds']:.2f} s in float32 without XLA: speed-up {variant['speedup']:.2f}")
     lines.append(f"train-step traces over {results['distinct_batch_sizes']} distinct batch sizes: {results['train_step_traces']}")
     lines.append(f"MLflow logging: {results['logging_seconds_per_epoch'] * 1000:.1f} ms per epoch, "
                  f"{100 * results['logging_fraction']:.2f} % of the epoch")
-    for name, result in results["quick_comparison"].items():
+    comparison = results["quick_comparison"]
+    for name in ("lr-decay", "noise-matched"):
+        result = comparison[name]
         reached = result["seconds_to_lr_decay_final_accuracy"]
-        lines.append(f"quick comparison, {name}: {result['wall_seconds']:.1f} s, final test accuracy "
+        lines.append(f"quick comparison ({comparison['data']}), {name}: {result['wall_seconds']:.1f} s, final test accuracy "
                      f"{result['final_test_accuracy']:.4f}, lr-decay's final accuracy after "
                      f"{'%.1f s' % reached if reached is not None else 'never'}")
     return "\n".join(lines)

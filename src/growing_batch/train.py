@@ -20,10 +20,6 @@ from growing_batch import config as config_module
 from growing_batch.config import Config, ConfigError
 from growing_batch.errors import exit_with_error
 
-# Evaluation batch size: large for speed; the evaluated loss and accuracy do not depend on it.
-EVALUATION_BATCH_SIZE = 1024
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         given = config_module.command_line_values(argv)
@@ -70,8 +66,8 @@ def train(config: Config, extra_callbacks: Sequence = (), verbose: int = 1, give
     batches = data.EpochBatches(splits.train, config.seed, config.augment)
     evaluation = {}
     if len(splits.validation):
-        evaluation["val"] = data.evaluation_batches(splits.validation, EVALUATION_BATCH_SIZE)
-    evaluation["test"] = data.evaluation_batches(splits.test, EVALUATION_BATCH_SIZE)
+        evaluation["val"] = data.evaluation_batches(splits.validation)
+    evaluation["test"] = data.evaluation_batches(splits.test)
 
     with tracking.start_run(config, given) as active:
         run_id = active.info.run_id
