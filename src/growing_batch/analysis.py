@@ -158,12 +158,13 @@ def schedule_summary(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_run_table(per_run: pd.DataFrame) -> str:
-    header = f"{'run':<46} {'status':<9} {'epochs':>6} {'final acc':>9} {'best acc':>9} {'updates':>8} {'wall s':>8}  run id"
+    header = (f"{'run':<46} {'status':<9} {'epochs':>6} {'final acc':>9} {'best acc':>9} {'updates':>8} "
+              f"{'train s':>8} {'wall s':>8}  run id")
     lines = [header, "-" * len(header)]
     for row in per_run.itertuples():
         lines.append(
             f"{str(row.run_name)[:46]:<46} {row.status:<9} {row.epochs:>6} {row.final_test_accuracy:>9.4f} "
-            f"{row.best_test_accuracy:>9.4f} {row.updates:>8,} {row.wall_seconds:>8.1f}  {row.run_id}"
+            f"{row.best_test_accuracy:>9.4f} {row.updates:>8,} {row.train_seconds:>8.1f} {row.wall_seconds:>8.1f}  {row.run_id}"
         )
     return "\n".join(lines)
 
