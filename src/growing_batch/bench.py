@@ -42,7 +42,7 @@ from growing_batch.errors import exit_with_error
 
 FULL = dict(train=45_000, test=10_000, repetitions=5, batch_sizes=(128, 1024, 4096, 45_000), growth_epochs=32,
             logging_epochs=5, comparison_epochs=10, comparison_train=55_000, matmul=4096)
-QUICK = dict(train=8_192, test=2_048, repetitions=3, batch_sizes=(128, 1024, 4096, 8_192), growth_epochs=30,
+QUICK = dict(train=8_192, test=2_048, repetitions=7, batch_sizes=(128, 1024, 4096, 8_192), growth_epochs=30,
              logging_epochs=3, comparison_epochs=4, comparison_train=8_192, matmul=2048)
 
 
