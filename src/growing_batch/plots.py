@@ -55,7 +55,8 @@ def training_curves_figure(rows: list[dict], title: str = ""):
             axis.set_xlabel("parameter updates" if x_name == "updates" else "epoch")
             axis.set_ylabel(kind)
             axis.grid(alpha=0.3)
-            axis.legend()
+            if axis.get_legend_handles_labels()[0]:
+                axis.legend()
     figure.suptitle(title or "training curves")
     return figure
 

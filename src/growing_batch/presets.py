@@ -60,7 +60,8 @@ def repro_lrd():
     Command: mlflow run . --env-manager local -P preset=repro-lrd
     Reported (its CIFAR-10 logs): final test accuracy 0.629 (best 0.642), ≈53,000 updates
     (N = 45,000 here: 150 · 352 = 52,800).
-    Measured on Fashion-MNIST (-P dataset=fashion_mnist, 2-core CPU): see the README's preset table.
+    Measured on Fashion-MNIST (-P dataset=fashion_mnist; 2-core CPU, no GPU): final test accuracy
+    0.8930 after 64,500 updates, 741 s.
     """
     return dict(_REPRODUCTION, schedule="lr-decay", lr_decay=0.9)
 
@@ -72,7 +73,8 @@ def repro_ibs():
     Command: mlflow run . --env-manager local -P preset=repro-ibs
     Reported: final test accuracy 0.647 (best 0.649), ≈10,200 updates, with strong overfitting
     (test loss 1.07 -> 3.24). The cap is N/10 = 4,500 here (4,526 in the original, whose N was 45,235).
-    Measured on Fashion-MNIST: see the README's preset table.
+    Measured on Fashion-MNIST (2-core CPU): diverged — NaN loss from epoch 45 (best test accuracy
+    0.8940 at epoch 30), 12,303 updates, 443 s.
     """
     return dict(_REPRODUCTION, schedule="batch-growth", batch_growth=1.037, max_batch_size=0)
 
@@ -85,6 +87,7 @@ def repro_matched():
     epoch, reaching the cap N/10 = 4,500 at epoch 35.
     Command: mlflow run . --env-manager local -P preset=repro-matched
     Expected: the test accuracy of `repro-lrd` per epoch with far fewer updates (no reported figure).
+    Measured on Fashion-MNIST (2-core CPU): 0.8917 after 5,365 updates, 415 s.
     """
     return dict(_REPRODUCTION, schedule="noise-matched", lr_decay=0.9, max_batch_size=0)
 
@@ -97,6 +100,7 @@ def repro_hybrid():
     same noise scale per epoch as `repro-lrd`; B reaches 1,024 at epoch 21.
     Command: mlflow run . --env-manager local -P preset=repro-hybrid
     Expected: the test accuracy of `repro-lrd` per epoch (no reported figure).
+    Measured on Fashion-MNIST (2-core CPU): 0.8917 after 10,811 updates, 386 s.
     """
     return dict(_REPRODUCTION, schedule="noise-matched", lr_decay=0.9, max_batch_size=1024)
 
@@ -169,8 +173,9 @@ for _schedule_name, (_schedule_fields, _schedule_text) in _SCHEDULES.items():
             {**_PAPER, **_schedule_fields, **_optimizer_fields},
             f"The paper's CIFAR-10 16-4 wide ResNet (ghost batch 128, weight decay 5e-4, crop + flip), "
             f"{_schedule_text} Optimizer: {_OPTIMIZER_WORDS[_suffix]}. "
-            f"Command: mlflow run . --env-manager local -P preset={_name} (a GPU: 200 epochs of a "
-            f"2.7 M-parameter network are out of reach of a 2-core CPU).",
+            f"Command: mlflow run . --env-manager local -P preset={_name}. Runtime: a GPU's work; on a "
+            f"2-core CPU the network trains at about 97 images/s (measured on Fashion-MNIST), about 29 h "
+            f"for 200 epochs.",
         )
 
 
@@ -180,7 +185,7 @@ def paper_lr05():
 
     Momentum 0.9; past B_max = 5,120 = N/10 ε decays. Same starting noise scale ≈ 390.6 as paper-decay.
     Paper: 94.5 % test accuracy in under 6,500 updates (here 60·79 + 60·16 + 80·10 = 6,500).
-    Command: mlflow run . --env-manager local -P preset=paper-lr0.5 (a GPU).
+    Command: mlflow run . --env-manager local -P preset=paper-lr0.5 (a GPU; about 29 h on a 2-core CPU).
     """
     return dict(_PAPER, schedule="step-batch", learning_rate=0.5, batch_size=640, max_batch_size=5120)
 
@@ -191,7 +196,7 @@ def paper_momentum098():
 
     Same starting noise scale ≈ 390.6. Paper: 93.3 % in under 2,500 updates (not converged; here
     60·16 + 140·10 = 2,360 updates).
-    Command: mlflow run . --env-manager local -P preset=paper-momentum0.98 (a GPU).
+    Command: mlflow run . --env-manager local -P preset=paper-momentum0.98 (a GPU; about 29 h on a 2-core CPU).
     """
     return dict(
         _PAPER, schedule="step-batch", learning_rate=0.5, momentum=0.98, batch_size=3200, max_batch_size=5120
