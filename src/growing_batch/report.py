@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 
 import mlflow
 from mlflow.tracking import MlflowClient

@@ -253,13 +253,13 @@ def sweep(experiment: str, seeds: int, workers: int, overrides: dict[str, str]) 
     return 0 if all_finished else 1
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser() -> config_module.OneLineParser:
     parser = config_module.OneLineParser(prog="python -m growing_batch.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", required=True, help=f"one of {', '.join(EXPERIMENTS)}")
     parser.add_argument("--seeds", default="1", help="seeds 0..seeds-1 per member (default 1)")
     parser.add_argument("--workers", default="1", help="children trained at once, each a process (default 1)")
     for name in OVERRIDES:
-        parser.add_argument(f"--{name}", default="", help=f"passed to every child (empty: the member's own)")
+        parser.add_argument(f"--{name}", default="", help="passed to every child (empty: the member's own)")
     return parser
 
 

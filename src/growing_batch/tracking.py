@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import subprocess
-import tempfile
 import time
 import warnings
 
