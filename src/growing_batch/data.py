@@ -9,8 +9,8 @@ Where the arrays come from, in order:
    Fashion-MNIST, when installed.
 3. Keras' loaders (``keras.datasets.*.load_data``), which read Keras' cache or download.
 
-Images stay ``uint8`` in memory and on the device and are scaled to [0, 1] per batch, inside the
-pipeline. The validation split is drawn from the training set without replacement (the
+Images are read as ``uint8``; on the device a split is held as float32 scaled to [0, 1] when that
+takes at most 2 GiB, else as ``uint8`` scaled batch by batch inside the pipeline. The validation split is drawn from the training set without replacement (the
 reproduction sampled with replacement, so its N was 45,235 instead of 45,000).
 """
 
@@ -260,6 +260,29 @@ def load(name: str, data_dir: str = "", validation_size: int = 5000, seed: int =
 # --- the per-epoch pipeline ---------------------------------------------------------------------
 
 
+# Splits up to this size as float32 are held scaled to [0, 1] (no conversion per batch: epochs 4 % and
+# 11 % faster at B = 4,096 and 1,024 on the 2-core CPU); larger ones stay uint8, scaled batch by batch.
+MAX_FLOAT_IMAGE_BYTES = 2 * 1024**3
+
+
+def device_images(images: np.ndarray):
+    """The images as one tensor: float32 in [0, 1] when that fits MAX_FLOAT_IMAGE_BYTES, else uint8."""
+    import tensorflow as tf
+
+    if images.size * 4 <= MAX_FLOAT_IMAGE_BYTES:
+        return tf.constant(scale(images))
+    return tf.constant(images)
+
+
+def to_unit_range(images):
+    """A batch gathered from :func:`device_images` as float32 in [0, 1]."""
+    import tensorflow as tf
+
+    if images.dtype == tf.uint8:
+        return tf.cast(images, tf.float32) / 255.0
+    return images
+
+
 # Standard CIFAR augmentation: zero-pad 4 pixels on each side, crop back at a random offset.
 AUGMENT_PADDING = 4
 
@@ -267,7 +290,7 @@ AUGMENT_PADDING = 4
 class EpochBatches:
     """The training set, re-batched every epoch at whatever batch size the schedule sets.
 
-    Images live on the device as one ``uint8`` tensor; each epoch draws a seeded permutation
+    Images live on the device as one tensor (see :func:`device_images`); each epoch draws a seeded permutation
     (seed, epoch), batches the indices, gathers and scales them inside the tf.data graph and
     prefetches. Every example is seen once per epoch; the last batch may be smaller.
 
@@ -284,7 +307,7 @@ class EpochBatches:
         self.seed = seed
         self.augment = augment
         self.batch_size = 1
-        self._images = tf.constant(split.images)
+        self._images = device_images(split.images)
         self._labels = tf.constant(split.labels)
 
     def steps(self) -> int:
@@ -305,7 +328,7 @@ class EpochBatches:
 
     def _gather(self, epoch, batch, indices):
         tf = self._tf
-        images = tf.cast(tf.gather(self._images, indices), tf.float32) / 255.0
+        images = to_unit_range(tf.gather(self._images, indices))
         if self.augment:
             seed = tf.stack([tf.constant(self.seed, tf.int64), tf.constant(epoch, tf.int64) * 2**32 + batch])
             images = augment(images, seed)
@@ -337,12 +360,12 @@ def evaluation_batches(split: Split, batch_size: int = EVALUATION_BATCH_SIZE):
     """A fixed, unshuffled tf.data pipeline over a split, scaled to [0, 1]."""
     import tensorflow as tf
 
-    images = tf.constant(split.images)
+    images = device_images(split.images)
     labels = tf.constant(split.labels)
     return (
         tf.data.Dataset.range(len(split))
         .batch(batch_size)
-        .map(lambda i: (tf.cast(tf.gather(images, i), tf.float32) / 255.0, tf.gather(labels, i)))
+        .map(lambda i: (to_unit_range(tf.gather(images, i)), tf.gather(labels, i)))
         .prefetch(tf.data.AUTOTUNE)
     )
 
