@@ -260,8 +260,8 @@ def load(name: str, data_dir: str = "", validation_size: int = 5000, seed: int =
 # --- the per-epoch pipeline ---------------------------------------------------------------------
 
 
-# Splits up to this size as float32 are held scaled to [0, 1] (no conversion per batch: epochs 4 % and
-# 11 % faster at B = 4,096 and 1,024 on the 2-core CPU); larger ones stay uint8, scaled batch by batch.
+# Splits up to this size as float32 are held scaled to [0, 1], so no batch needs converting; larger
+# ones stay uint8 (a quarter of the memory) and are scaled batch by batch.
 MAX_FLOAT_IMAGE_BYTES = 2 * 1024**3
 
 

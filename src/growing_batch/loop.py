@@ -305,8 +305,7 @@ def fit(
         steps=None,
     )
     # Per-batch hooks are called when some callback has one; otherwise they would all be no-ops, and
-    # calling them would still hand every batch's logs to a thread to convert (measured: 1.6× slower
-    # epochs at B = 128 on a 2-core CPU).
+    # calling them would still hand every batch's logs to a thread to convert, costing time per step.
     batch_hooks = any(_has_batch_hooks(callback) for callback in callback_list.callbacks)
     model.train_step_function = train_step  # for inspection (trace count) by tests and benchmarks
     model.evaluator_function = evaluator
