@@ -155,33 +155,34 @@ class _EpochTimer:
         return seconds[0]
 
 
+def alternate(first: _EpochTimer, second: _EpochTimer, repetitions: int) -> tuple[list[float], list[float]]:
+    """Epoch seconds of two trainers, alternating epoch by epoch, so that both meet the same
+    background load of a shared machine."""
+    first_times, second_times = [], []
+    for _ in range(repetitions):
+        first_times.append(first.epoch())
+        second_times.append(second.epoch())
+    return first_times, second_times
+
+
 def time_side_by_side(splits, batch_size: int, repetitions: int) -> tuple[list[float], list[float]]:
     """Epoch seconds of growing_batch.loop.fit and of plain model.fit, alternating epoch by epoch.
 
     An epoch is the same work for both: a training pass and an evaluation of the test set
-    (``validation_data`` for ``fit``, at its batch size; the loop evaluates at 4,096). Alternating
-    exposes both to the same background load of a shared machine.
+    (``validation_data`` for ``fit``, at its batch size; the loop evaluates at 4,096).
     """
-    ours, theirs = _EpochTimer(splits, batch_size, "loop"), _EpochTimer(splits, batch_size, "fit")
-    loop_times, fit_times = [], []
-    for _ in range(repetitions):
-        loop_times.append(ours.epoch())
-        fit_times.append(theirs.epoch())
-    return loop_times, fit_times
+    return alternate(_EpochTimer(splits, batch_size, "loop"), _EpochTimer(splits, batch_size, "fit"), repetitions)
 
 
 def loop_variants(splits, batch_size: int, repetitions: int) -> dict:
     """The loop's epoch seconds with XLA and with mixed_bfloat16, each alternating with plain float32."""
     results = {}
     for name, options in (("xla", {"jit_compile": True}), ("mixed_bfloat16", {"precision": "mixed_bfloat16"})):
-        plain, variant = _EpochTimer(splits, batch_size, "loop"), _EpochTimer(splits, batch_size, "loop", **options)
-        plain_times, variant_times = [], []
-        for _ in range(repetitions):
-            plain_times.append(plain.epoch())
-            variant_times.append(variant.epoch())
-        results[name] = {"batch_size": batch_size, "float32_seconds": statistics.median(plain_times),
-                         "seconds": statistics.median(variant_times),
-                         "speedup": statistics.median(plain_times) / statistics.median(variant_times)}
+        plain, variant = alternate(_EpochTimer(splits, batch_size, "loop"),
+                                   _EpochTimer(splits, batch_size, "loop", **options), repetitions)
+        results[name] = {"batch_size": batch_size, "float32_seconds": statistics.median(plain),
+                         "seconds": statistics.median(variant),
+                         "speedup": statistics.median(plain) / statistics.median(variant)}
     return results
 
 
@@ -231,6 +232,8 @@ def quick_comparison(settings: dict) -> dict:
     """lr-decay against noise-matched (the main job), wall-clock and time to lr-decay's final accuracy."""
     import functools
 
+    import keras
+
     from growing_batch import data, loop, schedules
 
     try:  # the main job's data where it can be read, else synthetic images of its shape
@@ -249,7 +252,7 @@ def quick_comparison(settings: dict) -> dict:
         started = time.perf_counter()
         stamps = []
 
-        class Stamp(__import__("keras").callbacks.Callback):
+        class Stamp(keras.callbacks.Callback):
             def on_epoch_end(self, epoch, logs=None):
                 stamps.append((time.perf_counter() - started, logs["test_accuracy"]))
 

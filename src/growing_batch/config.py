@@ -373,8 +373,7 @@ def from_strings(values: dict[str, str]) -> Config:
     given = given_values(values)
     preset = given.get("preset", "")
     resolved: dict[str, Any] = {}
-    if preset:
-        _require(preset in PRESETS, "preset", preset, f"empty or one of {', '.join(PRESETS)}")
+    if preset in PRESETS:  # an unknown name is rejected by validate below
         resolved.update(preset_overrides(preset))
     resolved.update(given)
     return validate(Config(**resolved))

@@ -234,12 +234,9 @@ def split(name: str, source: str, train, test, validation_size: int, seed: int, 
             f"{len(full)} training examples of {name}"
         )
     order = np.random.default_rng(seed).permutation(len(full))
-    validation_indices = order[:validation_size]
-    train_indices = np.sort(order[validation_size:])
     limit = max_examples if max_examples > 0 else None
-    if limit is not None:
-        train_indices = np.sort(order[validation_size:][:limit])
-        validation_indices = validation_indices[:limit]
+    validation_indices = order[:validation_size][:limit]
+    train_indices = np.sort(order[validation_size:][:limit])
     return DataSplits(
         name=name,
         source=source,
