@@ -223,3 +223,40 @@ def test_batch_hooks_are_detected():
     assert loop._has_batch_hooks(PerBatch())
     assert loop._has_batch_hooks(loop.EpochProgbarLogger())
     assert not loop._has_batch_hooks(keras.callbacks.Callback())
+
+
+def test_accumulated_update_sees_the_same_augmented_images_as_the_whole_batch():
+    """With augmentation, micro-batches draw their crops and flips as slices of the whole batch's."""
+    rng = np.random.default_rng(1)
+    split = data.Split(rng.integers(0, 256, (60, 16, 16, 3)).astype(np.uint8), rng.integers(0, 4, 60).astype(np.int32))
+    batches = data.EpochBatches(split, seed=5, augment=True)
+    batches.batch_size = 48
+    indices = batches.index_batches(epoch=2)[0]
+
+    def one_update(max_device_batch_size):
+        keras.utils.set_random_seed(0)
+        model = models.build("small-cnn", (16, 16, 3), 4, seed=0)
+        models.compile_for_training(model, models.build_optimizer("sgd", 0.5))
+        step = loop.TrainStep(model, model.loss, max_device_batch_size, augment=True, image_dtype=batches.images.dtype)
+        step(batches.images, batches.labels, indices, batches.batch_seed(2, 0))
+        return [w.numpy() for w in model.trainable_variables]
+
+    whole, split_in_three = one_update(0), one_update(16)
+    for a, b in zip(whole, split_in_three):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    seed = tf.constant(batches.batch_seed(2, 0))
+    images = data.to_unit_range(tf.gather(batches.images, indices))
+    np.testing.assert_array_equal(
+        data.augment(images, seed).numpy()[16:32], data.augment(images[16:32], seed, offset=16, total=48).numpy()
+    )
+
+
+def test_evaluation_slices_the_split_held_on_the_device(splits):
+    model = make_model(splits)
+    evaluation = data.evaluation_batches(splits.test, 30)
+    assert [stop - start for start, stop in evaluation.bounds()] == [30, 30, 20]
+    loss, accuracy = loop.Evaluator(model)(evaluation)
+    logits = model.predict(data.scale(splits.test.images), verbose=0)
+    expected_loss = keras.losses.sparse_categorical_crossentropy(splits.test.labels, logits, from_logits=True)
+    assert loss == pytest.approx(float(np.mean(expected_loss)), rel=1e-5)
+    assert accuracy == pytest.approx(float(np.mean(logits.argmax(-1) == splits.test.labels)))

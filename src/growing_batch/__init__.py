@@ -7,7 +7,7 @@ Modules, in the order data flows through them:
     presets    the paper's and the reproduction's experiments by name (no TensorFlow)
     config     the Config dataclass, its validation and command line (no TensorFlow)
     schedules  every schedule as a pure function of the epoch, and the noise scale (no TensorFlow)
-    data       loading, validation split, augmentation and the per-epoch batched pipeline
+    data       loading, validation split, augmentation and the per-epoch batches
     models     the reproduction's small CNN, the 16-4 wide ResNet, ghost batch norm, optimizers
     loop       the callback-driven training loop, the schedule callback, the compiled train step
     metrics    the names of the per-epoch metrics (no TensorFlow)

@@ -1,4 +1,4 @@
-"""Data: loading the image data sets, the validation split and the per-epoch batched pipeline.
+"""Data: loading the image data sets, the validation split and the per-epoch batches.
 
 Where the arrays come from, in order:
 
@@ -10,7 +10,7 @@ Where the arrays come from, in order:
 3. Keras' loaders (``keras.datasets.*.load_data``), which read Keras' cache or download.
 
 Images are read as ``uint8``; on the device a split is held as float32 scaled to [0, 1] when that
-takes at most 2 GiB, else as ``uint8`` scaled batch by batch inside the pipeline. The validation split is drawn from the training set without replacement (the
+takes at most 2 GiB, else as ``uint8`` scaled batch by batch inside the train step. The validation split is drawn from the training set without replacement (the
 reproduction sampled with replacement, so its N was 45,235 instead of 45,000).
 """
 
@@ -254,7 +254,7 @@ def load(name: str, data_dir: str = "", validation_size: int = 5000, seed: int =
     return split(name, source, train, test, validation_size, seed, max_examples)
 
 
-# --- the per-epoch pipeline ---------------------------------------------------------------------
+# --- the per-epoch batches ----------------------------------------------------------------------
 
 
 # Splits up to this size as float32 are held scaled to [0, 1], so no batch needs converting; larger
@@ -287,65 +287,90 @@ AUGMENT_PADDING = 4
 class EpochBatches:
     """The training set, re-batched every epoch at whatever batch size the schedule sets.
 
-    Images live on the device as one tensor (see :func:`device_images`); each epoch draws a seeded permutation
-    (seed, epoch), batches the indices, gathers and scales them inside the tf.data graph and
-    prefetches. Every example is seen once per epoch; the last batch may be smaller.
+    Images live on the device as one tensor, ``images`` (see :func:`device_images`), with
+    ``labels``. Each epoch draws a seeded permutation (seed, epoch) and cuts it into batches of
+    indices (:meth:`index_batches`); the train step gathers, scales and augments a batch inside its
+    own compiled graph (:func:`gather_batch`), so no per-epoch input pipeline is built and no
+    batch crosses into Python. Every example is seen once per epoch; the last batch may be smaller.
 
     With ``augment``, each image is zero-padded by 4 pixels, cropped back to its size at a random
     offset and flipped left-right with probability 1/2, on the fly; the random draws are stateless
-    functions of (seed, epoch, batch index), so a run is reproducible.
+    functions of (seed, epoch, batch index) — :meth:`batch_seed` — so a run is reproducible.
     """
 
     def __init__(self, split: Split, seed: int, augment: bool = False):
-        import tensorflow as tf
-
-        self._tf = tf
         self.size = len(split)
         self.seed = seed
         self.augment = augment
         self.batch_size = 1
-        self._images = device_images(split.images)
-        self._labels = tf.constant(split.labels)
+        self.images = device_images(split.images)
+        self.labels = device_labels(split.labels)
 
     def steps(self) -> int:
         return -(-self.size // self.batch_size)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size).astype(np.int32)
+
+    def index_batches(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's permutation cut into batches of ``batch_size`` indices (the last may be smaller)."""
+        order = self.epoch_order(epoch)
+        return [order[start:start + self.batch_size] for start in range(0, self.size, self.batch_size)]
+
+    def batch_seed(self, epoch: int, batch: int) -> np.ndarray:
+        """The augmentation seed of one batch: (seed, epoch · 2³² + batch)."""
+        return np.array([self.seed, epoch * 2**32 + batch], np.int64)
 
     def dataset(self, epoch: int):
-        tf = self._tf
-        indices = tf.data.Dataset.from_tensor_slices(self.epoch_order(epoch).astype(np.int32))
-        batched = indices.batch(self.batch_size).enumerate()
-        return batched.map(
-            lambda batch, batch_indices: self._gather(epoch, batch, batch_indices),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        ).prefetch(tf.data.AUTOTUNE)
-
-    def _gather(self, epoch, batch, indices):
-        tf = self._tf
-        images = to_unit_range(tf.gather(self._images, indices))
-        if self.augment:
-            seed = tf.stack([tf.constant(self.seed, tf.int64), tf.constant(epoch, tf.int64) * 2**32 + batch])
-            images = augment(images, seed)
-        return images, tf.gather(self._labels, indices)
+        """The epoch's batches as (images, labels) tensors, exactly as the train step sees them."""
+        for batch, indices in enumerate(self.index_batches(epoch)):
+            yield gather_batch(self.images, self.labels, indices, self.batch_seed(epoch, batch), self.augment)
 
 
-def augment(images, seed, padding: int = AUGMENT_PADDING):
-    """Random ``padding``-pixel-padded crops and horizontal flips of a batch (stateless, seeded)."""
+def device_labels(labels: np.ndarray):
+    import tensorflow as tf
+
+    return tf.constant(labels.astype(np.int32))
+
+
+def gather_batch(images, labels, indices, seed, augmented: bool, offset=0, total=None):
+    """One batch as float32 in [0, 1] with its labels: ``images[indices]``, augmented if asked.
+
+    Traceable (the train step calls it inside its graph). ``offset`` and ``total`` serve a
+    micro-batch: these indices are examples ``offset``… of a batch of ``total``, and its random
+    crops and flips are that slice of the whole batch's, so accumulation sees the same images.
+    """
+    import tensorflow as tf
+
+    batch_images = to_unit_range(tf.gather(images, indices))
+    if augmented:
+        batch_images = augment(batch_images, seed, offset=offset, total=total)
+    return batch_images, tf.gather(labels, indices)
+
+
+def augment(images, seed, padding: int = AUGMENT_PADDING, offset=0, total=None):
+    """Random ``padding``-pixel-padded crops and horizontal flips of a batch (stateless, seeded).
+
+    The draws are made for ``total`` examples (default: this batch) and examples ``offset``… of
+    them are used, so a batch augmented in slices equals the batch augmented whole.
+    """
     import tensorflow as tf
 
     count = tf.shape(images)[0]
+    draws = count if total is None else total
     height, width = images.shape[1], images.shape[2]
     padded = tf.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
-    top = tf.random.stateless_uniform([count], seeds[0], 0, 2 * padding + 1, dtype=tf.int32)
-    left = tf.random.stateless_uniform([count], seeds[1], 0, 2 * padding + 1, dtype=tf.int32)
+
+    def draw(seed, *args, **kwargs):
+        return tf.random.stateless_uniform([draws], seed, *args, **kwargs)[offset:offset + count]
+
+    top = draw(seeds[0], 0, 2 * padding + 1, dtype=tf.int32)
+    left = draw(seeds[1], 0, 2 * padding + 1, dtype=tf.int32)
     rows = top[:, None] + tf.range(height)[None, :]
     columns = left[:, None] + tf.range(width)[None, :]
     cropped = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), columns, axis=2, batch_dims=1)
-    flip = tf.random.stateless_uniform([count], seeds[2]) < 0.5
+    flip = draw(seeds[2]) < 0.5
     return tf.where(flip[:, None, None, None], tf.reverse(cropped, axis=[2]), cropped)
 
 
@@ -353,22 +378,37 @@ def augment(images, seed, padding: int = AUGMENT_PADDING):
 EVALUATION_BATCH_SIZE = 4096
 
 
-def evaluation_batches(split: Split, batch_size: int = EVALUATION_BATCH_SIZE):
-    """A fixed, unshuffled tf.data pipeline over a split, scaled to [0, 1]."""
-    import tensorflow as tf
+class EvaluationBatches:
+    """A split held on the device, evaluated in fixed, unshuffled batches of ``batch_size``.
 
-    images = device_images(split.images)
-    labels = tf.constant(split.labels)
-    return (
-        tf.data.Dataset.range(len(split))
-        .batch(batch_size)
-        .map(lambda i: (to_unit_range(tf.gather(images, i)), tf.gather(labels, i)))
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    Iterating yields (images, labels) batches scaled to [0, 1]; the loop's evaluator instead slices
+    them inside its compiled step.
+    """
+
+    def __init__(self, split: Split, batch_size: int = EVALUATION_BATCH_SIZE):
+        self.images = device_images(split.images)
+        self.labels = device_labels(split.labels)
+        self.size = len(split)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def bounds(self) -> list[tuple[int, int]]:
+        return [(start, min(start + self.batch_size, self.size)) for start in range(0, self.size, self.batch_size)]
+
+    def __iter__(self):
+        for start, stop in self.bounds():
+            yield to_unit_range(self.images[start:stop]), self.labels[start:stop]
+
+
+def evaluation_batches(split: Split, batch_size: int = EVALUATION_BATCH_SIZE) -> EvaluationBatches:
+    """A split for evaluation after each epoch (see :class:`EvaluationBatches`)."""
+    return EvaluationBatches(split, batch_size)
 
 
 def scale(images: np.ndarray) -> np.ndarray:
-    """uint8 pixels to float32 in [0, 1], as the pipeline does."""
+    """uint8 pixels to float32 in [0, 1], as the train step does."""
     return images.astype(np.float32) / 255.0
 
 

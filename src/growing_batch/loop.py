@@ -8,7 +8,7 @@ ends training, and a ``History`` is returned.
 
 Policy lives in the schedule (a pure function of the epoch); the :class:`ScheduleCallback` only
 applies what it prescribes — learning rate and momentum to the optimizer, batch size to the
-pipeline — and records it. The train step is one ``tf.function`` whose batch dimension is
+batches — and records it. The train step is one ``tf.function`` whose batch dimension is
 unknown (``None``), so a new batch size never retraces it: :attr:`TrainStep.traces` counts.
 
 The loop knows nothing of MLflow; tracking is a callback (``growing_batch.tracking``).
@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from growing_batch import data
 from growing_batch.data import EpochBatches
 from growing_batch.schedules import Schedule
 
@@ -102,6 +103,11 @@ def bucket_size(batch_size: int) -> int:
 class TrainStep:
     """One compiled SGD step over a batch of any size; counts how often it is traced.
 
+    A call names its batch by ``indices`` into ``images``/``labels`` — the whole training set, held
+    on the device — and the step gathers, scales and (with ``augment``) augments that batch inside
+    its graph (:func:`growing_batch.data.gather_batch`); ``seed`` is the batch's augmentation
+    seed. Called with a batch alone, it trains on all of it.
+
     With ``max_device_batch_size`` > 0, a larger batch is split into micro-batches of at most that
     size: each adds its gradient, weighted by its share of the batch, to accumulators, and one
     optimizer update then applies the sum — the gradient of the mean loss over the whole batch, so
@@ -109,10 +115,10 @@ class TrainStep:
     inference, are updated once per micro-batch.) Without accumulation one function is traced,
     with it two (accumulate and apply); neither retraces when the batch size changes.
 
-    With ``jit_compile`` (XLA), every new batch shape is a new compilation, so each batch is padded
-    with zero-weight examples up to :func:`bucket_size`: the loss is the mean over the real examples
-    only, so the gradient is exactly the unpadded one. ``compiled_shapes`` holds the padded sizes
-    used (one XLA compilation each). ``pad_to_buckets`` pads without XLA (for tests).
+    With ``jit_compile`` (XLA), every new batch shape is a new compilation, so each batch's indices
+    are padded up to :func:`bucket_size` with zero-weight examples: the loss is the mean over the
+    real examples only, so the gradient is exactly the unpadded one. ``compiled_shapes`` holds the
+    padded sizes used (one XLA compilation each). ``pad_to_buckets`` pads without XLA (for tests).
     """
 
     def __init__(
@@ -122,12 +128,16 @@ class TrainStep:
         max_device_batch_size: int = 0,
         jit_compile: bool = False,
         pad_to_buckets: bool | None = None,
+        augment: bool = False,
+        image_dtype=tf.float32,
     ):
         self.model = model
         self.loss = loss
         self.max_device_batch_size = max_device_batch_size
         self.jit_compile = jit_compile
         self.pad_to_buckets = jit_compile if pad_to_buckets is None else pad_to_buckets
+        self.augment = augment
+        self.image_dtype = tf.as_dtype(image_dtype)
         if self.pad_to_buckets and max_device_batch_size > 0:
             raise ValueError("padding to buckets (jit_compile) and max_device_batch_size cannot be combined.")
         self.traces = 0
@@ -135,27 +145,33 @@ class TrainStep:
         self.loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False)
         self.correct = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.count = tf.Variable(0, dtype=tf.int64, trainable=False)
-        image_spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
-        label_spec = tf.TensorSpec((None,), tf.int32)
-        if self.pad_to_buckets:
-            mask_spec = tf.TensorSpec((None,), tf.float32)
-            self.function = tf.function(
-                self._padded_step, input_signature=[image_spec, label_spec, mask_spec], jit_compile=jit_compile
-            )
+        source_spec = [
+            tf.TensorSpec((None, *model.input_shape[1:]), self.image_dtype),  # all images
+            tf.TensorSpec((None,), tf.int32),  # all labels
+            tf.TensorSpec((None,), tf.int32),  # this batch's indices
+            tf.TensorSpec((2,), tf.int64),  # this batch's augmentation seed
+        ]
+        scalar = tf.TensorSpec((), tf.int32)
+        if self.pad_to_buckets:  # + the number of real (unpadded) indices
+            self.function = tf.function(self._padded_step, input_signature=[*source_spec, scalar],
+                                        jit_compile=jit_compile)
         else:
-            self.function = tf.function(self._step, input_signature=[image_spec, label_spec])
+            self.function = tf.function(self._step, input_signature=source_spec)
         if max_device_batch_size > 0:
             self.accumulators = [
                 tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in model.trainable_variables
             ]
-            weight_spec = tf.TensorSpec((), tf.float32)
-            self.accumulate = tf.function(self._accumulate, input_signature=[image_spec, label_spec, weight_spec])
+            # + the micro-batch's offset in its batch and the batch's size
+            self.accumulate = tf.function(self._accumulate, input_signature=[*source_spec, scalar, scalar])
             self.apply = tf.function(self._apply, input_signature=[])
 
     def reset(self) -> None:
         self.loss_sum.assign(0.0)
         self.correct.assign(0)
         self.count.assign(0)
+
+    def _batch(self, images, labels, indices, seed, offset=0, total=None):
+        return data.gather_batch(images, labels, indices, seed, self.augment, offset=offset, total=total)
 
     def _loss_and_gradients(self, images, labels, weight=None, mask=None):
         with tf.GradientTape() as tape:
@@ -182,21 +198,24 @@ class TrainStep:
         count = tf.cast(self.count, tf.float64)
         return {"train_loss": self.loss_sum / count, "train_accuracy": tf.cast(self.correct, tf.float64) / count}
 
-    def _step(self, images, labels):
+    def _step(self, images, labels, indices, seed):
         self.traces += 1  # Python side effect: runs once per trace, not per call
-        gradients = self._loss_and_gradients(images, labels)
+        gradients = self._loss_and_gradients(*self._batch(images, labels, indices, seed))
         self.model.optimizer.apply(gradients, self.model.trainable_variables)
         return self._logs()
 
-    def _padded_step(self, images, labels, mask):
+    def _padded_step(self, images, labels, indices, seed, size):
         self.traces += 1
-        gradients = self._loss_and_gradients(images, labels, mask=mask)
+        mask = tf.cast(tf.range(tf.shape(indices)[0]) < size, tf.float32)
+        gradients = self._loss_and_gradients(*self._batch(images, labels, indices, seed), mask=mask)
         self.model.optimizer.apply(gradients, self.model.trainable_variables)
         return self._logs()
 
-    def _accumulate(self, images, labels, weight):
+    def _accumulate(self, images, labels, indices, seed, offset, total):
         self.traces += 1
-        gradients = self._loss_and_gradients(images, labels, weight)
+        batch_images, batch_labels = self._batch(images, labels, indices, seed, offset, total)
+        weight = tf.cast(tf.shape(indices)[0], tf.float32) / tf.cast(total, tf.float32)
+        gradients = self._loss_and_gradients(batch_images, batch_labels, weight)
         for accumulator, gradient in zip(self.accumulators, gradients):
             accumulator.assign_add(gradient)
         return self._logs()
@@ -208,48 +227,60 @@ class TrainStep:
             accumulator.assign(tf.zeros_like(accumulator))
         return self._logs()
 
-    def __call__(self, images, labels):
-        size = int(images.shape[0])
+    def __call__(self, images, labels, indices=None, seed=(0, 0)):
+        """One update on ``images[indices]`` (default: all of ``images``); returns the epoch's running logs."""
+        if indices is None:
+            indices = np.arange(int(images.shape[0]), dtype=np.int32)
+        indices = np.asarray(indices, np.int32)
+        seed = tf.constant(seed, tf.int64)
+        size = len(indices)
         if self.pad_to_buckets:
             padded = bucket_size(size)
             self.compiled_shapes.add(padded)
-            extra = padded - size
-            images = tf.pad(images, [[0, extra]] + [[0, 0]] * (len(images.shape) - 1))
-            labels = tf.pad(labels, [[0, extra]])
-            mask = tf.concat([tf.ones(size, tf.float32), tf.zeros(extra, tf.float32)], 0)
-            return self.function(images, labels, mask)
+            # Padding repeats example 0; the mask gives it no weight.
+            indices = np.concatenate([indices, np.zeros(padded - size, np.int32)])
+            return self.function(images, labels, indices, seed, tf.constant(size, tf.int32))
         micro = self.max_device_batch_size
         if micro <= 0 or size <= micro:
-            return self.function(images, labels)
+            return self.function(images, labels, indices, seed)
+        total = tf.constant(size, tf.int32)
         for start in range(0, size, micro):
-            part = slice(start, min(start + micro, size))
-            self.accumulate(images[part], labels[part], tf.constant((part.stop - start) / size, tf.float32))
+            self.accumulate(images, labels, indices[start:start + micro], seed, tf.constant(start, tf.int32), total)
         return self.apply()
 
 
 class Evaluator:
-    """Mean loss and accuracy of the model over a fixed pipeline, one compiled step."""
+    """Mean loss and accuracy of the model over :class:`~growing_batch.data.EvaluationBatches`.
+
+    One compiled step slices each batch out of the split held on the device.
+    """
 
     def __init__(self, model: keras.Model):
         self.model = model
-        image_spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
-        label_spec = tf.TensorSpec((None,), tf.int32)
-        self.function = tf.function(self._step, input_signature=[image_spec, label_spec])
+        self.functions: dict = {}  # image dtype -> compiled step (one trace for any split and batch)
 
-    def _step(self, images, labels):
-        logits = self.model(images, training=False)
-        losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-        hits = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
+    def _function(self, image_dtype):
+        if image_dtype not in self.functions:
+            image_spec = tf.TensorSpec((None, *self.model.input_shape[1:]), image_dtype)
+            label_spec = tf.TensorSpec((None,), tf.int32)
+            scalar = tf.TensorSpec((), tf.int32)
+            self.functions[image_dtype] = tf.function(self._step, input_signature=[image_spec, label_spec, scalar, scalar])
+        return self.functions[image_dtype]
+
+    def _step(self, images, labels, start, stop):
+        batch_labels = labels[start:stop]
+        logits = self.model(data.to_unit_range(images[start:stop]), training=False)
+        losses = keras.losses.sparse_categorical_crossentropy(batch_labels, logits, from_logits=True)
+        hits = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), batch_labels)
         return tf.reduce_sum(tf.cast(losses, tf.float64)), tf.reduce_sum(tf.cast(hits, tf.int64))
 
-    def __call__(self, dataset) -> tuple[float, float]:
-        loss_sum, correct, count = 0.0, 0, 0
-        for images, labels in dataset:
-            batch_loss, batch_correct = self.function(images, labels)
-            loss_sum += float(batch_loss)
-            correct += int(batch_correct)
-            count += int(labels.shape[0])
-        return loss_sum / count, correct / count
+    def __call__(self, batches: data.EvaluationBatches) -> tuple[float, float]:
+        function = self._function(batches.images.dtype)
+        sums = [function(batches.images, batches.labels, tf.constant(start, tf.int32), tf.constant(stop, tf.int32))
+                for start, stop in batches.bounds()]
+        loss_sum = sum(float(loss) for loss, _ in sums)  # one wait, after every batch is queued
+        correct = sum(int(hits) for _, hits in sums)
+        return loss_sum / len(batches), correct / len(batches)
 
 
 def _has_batch_hooks(callback) -> bool:
@@ -274,7 +305,7 @@ def fit(
 ) -> keras.callbacks.History:
     """Train ``model`` (compiled with an optimizer and a loss) for ``epochs`` epochs.
 
-    ``evaluation`` maps a prefix to a pipeline (``{"val": ..., "test": ...}``) evaluated after each
+    ``evaluation`` maps a prefix to :class:`~growing_batch.data.EvaluationBatches` (``{"val": ..., "test": ...}``) evaluated after each
     epoch as ``<prefix>_loss`` and ``<prefix>_accuracy``. Each epoch's logs also hold the
     schedule's ``learning_rate``, ``batch_size``, ``momentum``, ``noise_scale``, the cumulative
     ``updates`` and ``examples_seen``, and ``epoch_seconds`` (the training pass) with
@@ -290,9 +321,14 @@ def fit(
         isinstance(train_step, TrainStep)
         and train_step.max_device_batch_size == max_device_batch_size
         and train_step.jit_compile == jit_compile
+        and train_step.augment == batches.augment
+        and train_step.image_dtype == batches.images.dtype
     ):
-        train_step = TrainStep(model, model.loss, max_device_batch_size, jit_compile)
-    evaluator = getattr(model, "evaluator_function", None) or Evaluator(model)
+        train_step = TrainStep(model, model.loss, max_device_batch_size, jit_compile, augment=batches.augment,
+                               image_dtype=batches.images.dtype)
+    evaluator = getattr(model, "evaluator_function", None)
+    if not isinstance(evaluator, Evaluator):
+        evaluator = Evaluator(model)
     # The progress bar only when asked for: a callback with a per-batch hook makes Keras convert each
     # batch's logs on the training thread (a device sync per step); without one it does so off-thread.
     progress = [EpochProgbarLogger()] if verbose else []
@@ -317,10 +353,10 @@ def fit(
         callback_list.on_epoch_begin(epoch)
         train_step.reset()
         started = time.perf_counter()
-        for batch, (images, labels) in enumerate(batches.dataset(epoch)):
+        for batch, indices in enumerate(batches.index_batches(epoch)):
             if batch_hooks:
                 callback_list.on_train_batch_begin(batch)
-            batch_logs = train_step(images, labels)
+            batch_logs = train_step(batches.images, batches.labels, indices, batches.batch_seed(epoch, batch))
             if batch_hooks:
                 callback_list.on_train_batch_end(batch, batch_logs)
         epoch_examples = int(train_step.count.numpy())  # waits for the last step to finish
