@@ -28,6 +28,8 @@ def mlflow_run(tmp_path, uri, parameters, experiment="e2e"):
         client.create_experiment(experiment, artifact_location=str(tmp_path / "artifacts"))
     command = [sys.executable, "-m", "mlflow", "run", PROJECT_DIR, "--env-manager", "local",
                "--experiment-name", experiment]
+    # `mlflow run` runs the entry point in the project's folder: keep checkpoints in tmp_path
+    parameters = {"checkpoint_dir": str(tmp_path / "checkpoints"), **parameters}
     for name, value in parameters.items():
         command += ["-P", f"{name}={value}"]
     environment = dict(
@@ -178,7 +180,8 @@ def test_a_preset_with_overrides_through_mlflow_run_logs_what_it_resolved_to(tmp
     assert (params["preset"], params["epochs"], params["batch_growth"]) == ("repro-ibs", "2", "''")
     resolved = {key[len("resolved."):]: value for key, value in params.items() if key.startswith("resolved.")}
     assert resolved == Config(preset="repro-ibs", schedule="batch-growth", dataset="fashion_mnist", epochs=2,
-                              validation_size=40, data_dir=fashion_dir, max_batch_size=200).to_params()
+                              validation_size=40, data_dir=fashion_dir, max_batch_size=200,
+                              checkpoint_dir=str(tmp_path / "checkpoints")).to_params()
     client = MlflowClient(uri)
     sizes = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "batch_size"), key=lambda m: m.step)]
     assert sizes == [128, 132]

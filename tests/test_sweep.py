@@ -50,7 +50,8 @@ def test_every_member_of_every_experiment_resolves():
 def mlflow_sweep(tmp_path, uri, fashion_dir, **extra):
     command = [sys.executable, "-m", "mlflow", "run", PROJECT_DIR, "--env-manager", "local", "--experiment-name", "sweeps",
                "-e", "sweep", "-P", "experiment=quick", "-P", "epochs=2", "-P", "seeds=2", "-P", "workers=2",
-               "-P", f"data_dir={fashion_dir}", "-P", "validation_size=40"]
+               "-P", f"data_dir={fashion_dir}", "-P", "validation_size=40",
+               "-P", f"checkpoint_dir={tmp_path / 'checkpoints'}"]
     for name, value in extra.items():
         command += ["-P", f"{name}={value}"]
     environment = dict(os.environ, MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2",
@@ -180,7 +181,7 @@ def test_sweep_without_mlflow_run_creates_and_then_continues_its_parent(tracking
     """In process, with training replaced by a stub child that finishes at once."""
     launched = []
 
-    def finish_at_once(client, experiment_id, parent_id, key, child, log_dir):
+    def finish_at_once(client, experiment_id, parent_id, key, child, log_dir, resume_run_id=None):
         run = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent_id, "sweep_key": key,
                                                      "sweep_child": child.key, "sweep_member": child.member,
                                                      "sweep_role": "child"})

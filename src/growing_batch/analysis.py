@@ -76,6 +76,7 @@ def load_runs(
             "schedule": tags.get("schedule", ""),
             "seed": seed,
             "start_time": run.info.start_time,
+            "diverged_epoch": int(tags["diverged_epoch"]) if tags.get("diverged") == "true" else None,
         }
         row.update({f"param_{key[len('resolved.'):]}": value for key, value in params.items() if key.startswith("resolved.")})
         run_rows.append(row)
@@ -87,7 +88,8 @@ def load_runs(
                 entry["wall_seconds"] = max(entry["wall_seconds"], (metric.timestamp - run.info.start_time) / 1000)
         for epoch in sorted(by_epoch):
             history_rows.append({"run_id": run.info.run_id, "member": member, "seed": seed, "epoch": epoch, **by_epoch[epoch]})
-    runs = pd.DataFrame(run_rows, columns=None if run_rows else ["run_id", "run_name", "status", "member", "schedule", "seed", "start_time"])
+    runs = pd.DataFrame(run_rows, columns=None if run_rows else ["run_id", "run_name", "status", "member", "schedule", "seed",
+                                                                  "start_time", "diverged_epoch"])
     history = pd.DataFrame(history_rows, columns=None if history_rows else ["run_id", "member", "seed", "epoch", "wall_seconds"])
     return runs, history
 
@@ -103,6 +105,7 @@ def run_summary(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
                 "run_id": run.run_id,
                 "run_name": run.run_name,
                 "status": run.status,
+                "diverged_epoch": getattr(run, "diverged_epoch", None),
                 "member": run.member,
                 "seed": run.seed,
                 "epochs": int(own["epoch"].max()) if len(own) else 0,

@@ -92,6 +92,9 @@ class Config:
     max_examples: int = _field(
         0, "use at most this many examples of each split (train, validation, test); 0: all"
     )
+    checkpoint_dir: str = _field(
+        "checkpoints", "folder of the per-run checkpoints (<checkpoint_dir>/<run id>/), saved every epoch for resuming"
+    )
 
     def to_params(self) -> dict[str, str]:
         """The config as MLflow params: the same text a user would pass on the command line."""
@@ -286,6 +289,12 @@ def validate(config: Config) -> Config:
     _require(
         config.max_examples >= 0, "max_examples", config.max_examples, "a whole number >= 0 (0: all)"
     )
+    _require(
+        config.checkpoint_dir != "" and not os.path.isfile(config.checkpoint_dir),
+        "checkpoint_dir",
+        config.checkpoint_dir,
+        "a folder path (created if missing), not a file",
+    )
     return config
 
 
@@ -331,6 +340,11 @@ def make_parser(prog: str = "python -m growing_batch.train") -> argparse.Argumen
             metavar=field.type.replace("tuple[int, ...]", "int,int,...").upper(),
             help=f"{field.metadata['help']} (default: {format_value(field.default)!r})",
         )
+    parser.add_argument(
+        "--run_id",
+        default=None,
+        help="continue this MLflow run from its checkpoint, with its own parameters (those given must agree)",
+    )
     return parser
 
 
@@ -352,12 +366,17 @@ def command_line_values(argv: Sequence[str] | None = None) -> dict[str, str]:
             joined.append(argv[index])
             index += 1
     namespace = make_parser().parse_args(joined)
-    return {name: text for name, text in vars(namespace).items() if text is not None}
+    return {name: text for name, text in vars(namespace).items() if text is not None and name != "run_id"}
 
 
 def from_args(argv: Sequence[str] | None = None) -> Config:
     """Parse, resolve and validate a command line. Raises ConfigError with a one-line message."""
     return from_strings(command_line_values(argv))
+
+
+def given_texts(values: dict[str, str]) -> dict[str, str]:
+    """The fields given explicitly, as text: empty text means "not given"."""
+    return {name: str(text) for name, text in values.items() if str(text).strip() != ""}
 
 
 def given_values(values: dict[str, str]) -> dict[str, Any]:

@@ -34,9 +34,11 @@ def fail_run(message: str) -> None:
         print(f"warning: could not mark run {run_id} FAILED: {error}", file=sys.stderr)
 
 
-def exit_with_error(message: str, exit_code: int = 2) -> int:
-    """Print ``error: <message>`` as one line, fail the run, and return the exit code."""
+def exit_with_error(message: str, exit_code: int = 2, mark_run: bool = True) -> int:
+    """Print ``error: <message>`` as one line, fail the run (unless ``mark_run`` is false: a run
+    that must be left as it was), and return the exit code."""
     line = " ".join(message.split())
     print(f"error: {line}", file=sys.stderr, flush=True)
-    fail_run(line)
+    if mark_run:
+        fail_run(line)
     return exit_code

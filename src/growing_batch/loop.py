@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from growing_batch import data
+from growing_batch import checkpoint, data
 from growing_batch.data import EpochBatches
 from growing_batch.schedules import Schedule
 
@@ -302,8 +302,12 @@ def fit(
     verbose: int = 1,
     max_device_batch_size: int = 0,
     jit_compile: bool = False,
+    initial_epoch: int = 0,
+    initial_updates: int = 0,
+    initial_examples_seen: int = 0,
+    interruption: Interruption | None = None,
 ) -> keras.callbacks.History:
-    """Train ``model`` (compiled with an optimizer and a loss) for ``epochs`` epochs.
+    """Train ``model`` (compiled with an optimizer and a loss) up to epoch ``epochs``.
 
     ``evaluation`` maps a prefix to :class:`~growing_batch.data.EvaluationBatches` (``{"val": ..., "test": ...}``) evaluated after each
     epoch as ``<prefix>_loss`` and ``<prefix>_accuracy``. Each epoch's logs also hold the
@@ -312,6 +316,18 @@ def fit(
     ``examples_per_second``. ``max_device_batch_size`` > 0 accumulates gradients over micro-batches
     of at most that size; ``jit_compile`` compiles the train step with XLA, padding batches to a
     few bucket sizes (see :class:`TrainStep`).
+
+    Resuming: ``initial_epoch`` epochs are done (as in Keras' ``fit``), with ``initial_updates`` and
+    ``initial_examples_seen`` so far; training goes on with epoch ``initial_epoch + 1``, whose shuffle
+    and augmentation are those an uninterrupted run would draw.
+
+    Divergence: an epoch whose training loss is NaN or infinite ends training at once — its
+    training metrics and schedule go to ``on_epoch_end`` (no evaluation of the broken weights) and
+    the returned history's ``diverged_epoch`` is that epoch (counted from 1), else None.
+
+    Interruption: when ``interruption.requested`` turns true (a signal arrived), training stops
+    after the current batch, that unfinished epoch is dropped (no ``on_epoch_end``, no
+    ``on_train_end``) and :class:`TrainingInterrupted` is raised.
     """
     if schedule_callback.batches is not batches:
         raise ValueError("schedule_callback must drive the same EpochBatches that fit trains on.")
@@ -346,10 +362,11 @@ def fit(
     model.train_step_function = train_step  # for inspection (trace count) by tests and benchmarks
     model.evaluator_function = evaluator
     model.stop_training = False
-    updates, examples_seen = 0, 0
+    updates, examples_seen = initial_updates, initial_examples_seen
     epoch_logs: dict = {}
+    diverged_epoch = None
     callback_list.on_train_begin()
-    for epoch in range(epochs):
+    for epoch in range(initial_epoch, epochs):
         callback_list.on_epoch_begin(epoch)
         train_step.reset()
         started = time.perf_counter()
@@ -359,6 +376,8 @@ def fit(
             batch_logs = train_step(batches.images, batches.labels, indices, batches.batch_seed(epoch, batch))
             if batch_hooks:
                 callback_list.on_train_batch_end(batch, batch_logs)
+            if interruption is not None and interruption.requested:
+                raise TrainingInterrupted(interruption.requested, epoch + 1)
         epoch_examples = int(train_step.count.numpy())  # waits for the last step to finish
         epoch_seconds = time.perf_counter() - started
         updates += batches.steps()
@@ -367,7 +386,9 @@ def fit(
             "train_loss": float(train_step.loss_sum.numpy()) / epoch_examples,
             "train_accuracy": int(train_step.correct.numpy()) / epoch_examples,
         }
-        for prefix, dataset in (evaluation or {}).items():
+        if not math.isfinite(epoch_logs["train_loss"]):
+            diverged_epoch = epoch + 1
+        for prefix, dataset in (evaluation or {}).items() if diverged_epoch is None else ():
             epoch_logs[f"{prefix}_loss"], epoch_logs[f"{prefix}_accuracy"] = evaluator(dataset)
         epoch_logs.update(schedule_callback.applied)
         epoch_logs.update(
@@ -379,7 +400,85 @@ def fit(
             }
         )
         callback_list.on_epoch_end(epoch, epoch_logs)
-        if model.stop_training:
+        if diverged_epoch is not None or model.stop_training:
             break
+        if interruption is not None and interruption.requested:
+            raise TrainingInterrupted(interruption.requested, epoch + 2)
     callback_list.on_train_end(epoch_logs)
+    model.history.diverged_epoch = diverged_epoch
     return model.history
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal; ``epoch`` (from 1) is the epoch that was not finished."""
+
+    def __init__(self, signal_name: str, epoch: int):
+        super().__init__(f"{signal_name} during epoch {epoch}")
+        self.signal_name = signal_name
+        self.epoch = epoch
+
+
+class Interruption:
+    """Turns SIGINT and SIGTERM into a request to stop that :func:`fit` honours between batches.
+
+    Use as a context manager around training; ``requested`` is the signal's name once one arrived.
+    A second SIGINT while the first is being honoured raises KeyboardInterrupt at once.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, number, frame):
+        import signal
+
+        name = signal.Signals(number).name
+        if self.requested and name == "SIGINT":
+            raise KeyboardInterrupt
+        self.requested = name
+        print(f"\n{name} received: stopping after this batch (press Ctrl-C again to quit at once)", flush=True)
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        import signal
+
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+        return False
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """Saves the run's checkpoint (:mod:`growing_batch.checkpoint`) at the end of every epoch.
+
+    ``state`` holds what was done before (empty for a new run); each epoch adds its logged numbers.
+    An epoch whose training loss is not finite is not saved: the last good epoch's checkpoint stays.
+    """
+
+    def __init__(self, checkpoint_dir: str, run_id: str, state: checkpoint.State):
+        super().__init__()
+        self.checkpoint_dir = checkpoint_dir
+        self.run_id = run_id
+        self.state = state
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        numbers = {key: float(value) for key, value in (logs or {}).items()
+                   if isinstance(value, (int, float, np.number)) and not isinstance(value, bool)}
+        if not math.isfinite(numbers.get("train_loss", math.nan)):
+            return
+        self.state.epoch = epoch + 1
+        self.state.updates = int(numbers["updates"])
+        self.state.examples_seen = int(numbers["examples_seen"])
+        self.state.rows = [*self.state.rows, {"epoch": epoch + 1, **numbers}]
+        checkpoint.save(self.checkpoint_dir, self.run_id, self.model, self.state)

@@ -11,9 +11,11 @@ empty: not given) go to every child. At the end the parent logs ``summary.csv`` 
 over seeds, ratios to the LR-decay baseline), ``runs.csv`` and the comparison figures.
 
 A sweep is resumable. The same sweep (same experiment, seeds and overrides: tag ``sweep_key``) run
-again continues the parent it made the first time: children that FINISHED are skipped, failed or
-missing ones run again (a failed child is kept, tagged ``sweep_superseded``, and a new child runs in
-its place). Under ``mlflow run``, which makes a new run per call, the new run records
+again continues the parent it made the first time: children that FINISHED are skipped, and so are
+children that diverged (they would diverge again; the summary lists them); a child that was
+interrupted or killed and has a checkpoint is resumed in its own run from its last finished epoch;
+other failed or missing ones run again (a failed child is kept, tagged ``sweep_superseded``, and a
+new child runs in its place). Under ``mlflow run``, which makes a new run per call, the new run records
 ``sweep_resumed`` = the continued parent and holds nothing else.
 """
 
@@ -33,12 +35,13 @@ import mlflow
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
+from growing_batch import checkpoint
 from growing_batch import config as config_module
 from growing_batch.config import ConfigError
 from growing_batch.errors import exit_with_error
 from growing_batch.presets import PRESETS
 
-OVERRIDES = ("epochs", "dataset", "max_examples", "validation_size", "data_dir", "precision")
+OVERRIDES = ("epochs", "dataset", "max_examples", "validation_size", "data_dir", "precision", "checkpoint_dir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +81,10 @@ class Child:
     @property
     def key(self) -> str:
         return f"{self.member}/seed={self.seed}"
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return config_module.from_strings(self.values).checkpoint_dir
 
     def argv(self) -> list[str]:
         arguments = []
@@ -137,25 +144,30 @@ def _say(text: str) -> None:
         print(text, flush=True)
 
 
-def run_child(client: MlflowClient, experiment_id: str, parent_id: str, key: str, child: Child, log_dir: str) -> str:
-    """Create the child run, train in a subprocess that continues it, and return its status."""
-    run = client.create_run(
-        experiment_id,
-        tags={
-            "mlflow.parentRunId": parent_id,
-            "mlflow.runName": f"{child.member} s{child.seed}",
-            "sweep_key": key,
-            "sweep_child": child.key,
-            "sweep_member": child.member,
-            "sweep_seed": str(child.seed),
-            "sweep_role": "child",
-        },
-    )
-    run_id = run.info.run_id
+def run_child(client: MlflowClient, experiment_id: str, parent_id: str, key: str, child: Child, log_dir: str,
+              resume_run_id: str | None = None) -> str:
+    """Create the child run (or take ``resume_run_id``, a stopped child with a checkpoint), train in a
+    subprocess that continues it, and return its status."""
+    if resume_run_id:
+        run_id = resume_run_id
+        _say(f"resume {child.key:<32} run {run_id}")
+    else:
+        run_id = client.create_run(
+            experiment_id,
+            tags={
+                "mlflow.parentRunId": parent_id,
+                "mlflow.runName": f"{child.member} s{child.seed}",
+                "sweep_key": key,
+                "sweep_child": child.key,
+                "sweep_member": child.member,
+                "sweep_seed": str(child.seed),
+                "sweep_role": "child",
+            },
+        ).info.run_id
+        _say(f"start  {child.key:<32} run {run_id}")
     environment = dict(os.environ, MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(),
                        MLFLOW_EXPERIMENT_ID=experiment_id)
     log_path = os.path.join(log_dir, f"{run_id}.log")
-    _say(f"start  {child.key:<32} run {run_id}")
     with open(log_path, "w") as log:
         process = subprocess.run([sys.executable, "-m", "growing_batch.train", *child.argv()],
                                  env=environment, stdout=log, stderr=subprocess.STDOUT, check=False)
@@ -164,9 +176,11 @@ def run_child(client: MlflowClient, experiment_id: str, parent_id: str, key: str
         client.set_terminated(run_id, "FINISHED" if process.returncode == 0 else "FAILED")
         status = client.get_run(run_id).info.status
     try:
-        client.log_artifact(run_id, log_path, "logs")
+        client.log_artifact(run_id, log_path, "logs/resumed" if resume_run_id else "logs")
     except Exception as error:  # the log is a convenience; the run's own records are complete
         _say(f"warning: could not attach the log of {run_id}: {error}")
+    if status == "FAILED" and client.get_run(run_id).data.tags.get("diverged") == "true":
+        status = "DIVERGED"  # an outcome of the experiment, not a failure of the sweep
     _say(f"{'done' if status == 'FINISHED' else status.lower():<6} {child.key:<32} run {run_id}")
     return status
 
@@ -186,8 +200,13 @@ def log_summary(client: MlflowClient, parent_id: str) -> str:
     failed = per_run[per_run["status"] != "FINISHED"] if len(per_run) else per_run
     text = analysis.format_schedule_table(summary)
     if len(failed):
-        text += "\nnot finished: " + ", ".join(f"{r.run_name} ({r.status})" for r in failed.itertuples())
+        text += "\nnot finished: " + ", ".join(f"{r.member}/seed={r.seed} ({_why(r)})" for r in failed.itertuples())
     return text
+
+
+def _why(run) -> str:
+    epoch = getattr(run, "diverged_epoch", None)
+    return f"diverged at epoch {int(epoch)}" if epoch is not None and epoch == epoch else run.status
 
 
 def _experiment_id(client: MlflowClient) -> str:
@@ -202,7 +221,7 @@ def _experiment_id(client: MlflowClient) -> str:
 
 
 def sweep(experiment: str, seeds: int, workers: int, overrides: dict[str, str]) -> int:
-    """Run (or continue) a sweep; returns 0 when every child FINISHED, else 1."""
+    """Run (or continue) a sweep; returns 0 when every child FINISHED or diverged, else 1."""
     children = plan(experiment, seeds, overrides)
     if workers < 1:
         raise ConfigError(f"workers='{workers}' is not allowed: expected a whole number >= 1.")
@@ -229,24 +248,35 @@ def sweep(experiment: str, seeds: int, workers: int, overrides: dict[str, str]) 
         _say(f"sweep {experiment}: {len(children)} children, parent run {parent_id}")
 
     previous = existing_children(client, experiment_id, parent_id)
-    to_run = []
+    to_run: list[tuple[Child, str | None]] = []
+    statuses = []
     for child in children:
-        runs = previous.get(child.key, [])
+        runs = [run for run in previous.get(child.key, []) if run.data.tags.get("sweep_superseded") != "true"]
         if any(run.info.status == "FINISHED" for run in runs):
             _say(f"skip   {child.key:<32} (FINISHED)")
             continue
+        diverged = [run for run in runs if run.data.tags.get("diverged") == "true"]
+        if diverged:  # it would diverge again: keep it as the result
+            _say(f"skip   {child.key:<32} (diverged at epoch {diverged[0].data.tags.get('diverged_epoch')})")
+            statuses.append("DIVERGED")
+            continue
+        resumable = [run for run in runs if checkpoint.exists(child.checkpoint_dir, run.info.run_id)]
+        resume = resumable[-1] if resumable else None
         for run in runs:
+            if run is resume:
+                continue
             client.set_tag(run.info.run_id, "sweep_superseded", "true")
             if not RunStatus.is_terminated(RunStatus.from_string(run.info.status)):
                 client.set_terminated(run.info.run_id, "FAILED")  # left RUNNING by a process that died
-        to_run.append(child)
+        to_run.append((child, resume.info.run_id if resume else None))
 
     with tempfile.TemporaryDirectory() as log_dir:
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            statuses = list(pool.map(lambda c: run_child(client, experiment_id, parent_id, key, c, log_dir), to_run))
+            statuses += list(pool.map(lambda item: run_child(client, experiment_id, parent_id, key, item[0], log_dir,
+                                                             resume_run_id=item[1]), to_run))
     table = log_summary(client, parent_id)
     _say(table)
-    all_finished = all(status == "FINISHED" for status in statuses)
+    all_finished = all(status in ("FINISHED", "DIVERGED") for status in statuses)
     if parent_id != current:
         client.set_terminated(parent_id, "FINISHED" if all_finished else "FAILED")
     _say(f"\nparent run {parent_id}; open it with: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")

@@ -20,6 +20,7 @@ What a run holds:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -74,11 +75,48 @@ def git_commit() -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
+@contextlib.contextmanager
+def _file_lock(path: str):
+    """An exclusive advisory lock on ``path`` (created if missing) while the context is open."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def prepare_store() -> None:
+    """Create or migrate a sqlite tracking store once, before this process logs to it.
+
+    MLflow builds and migrates a new sqlite store's tables in whichever process opens it first,
+    with no lock between processes: runs started at once against a store that does not exist yet
+    all build it together and fail ("table _alembic_tmp_experiments already exists", "duplicate
+    column name: step"), leaving it half-built. Opening it under an exclusive lock on
+    ``<database>.lock`` lets one process build it while the others wait and then find it complete.
+    Other stores are left alone. (``mlflow run`` opens the store itself before this script starts:
+    create the store once before starting several of those at once.)
+    """
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:"):
+        return
+    from sqlalchemy.engine.url import make_url
+
+    path = make_url(uri).database
+    if not path or path == ":memory:":
+        return
+    with _file_lock(path + ".lock"):
+        MlflowClient().search_experiments(max_results=1)
+
+
 def start_run(config: Config, given: dict[str, str] | None = None) -> mlflow.ActiveRun:
     """Continue the run ``mlflow run`` created, or start a new one; name, tag and log params.
 
     ``given`` is the command line's text per field (what the user passed; see log_config_params).
     """
+    prepare_store()
     if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_SECONDS)
     active = mlflow.start_run(run_name=run_name(config), log_system_metrics=True)
@@ -142,20 +180,59 @@ def history_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
+def epoch_numbers(logs) -> dict[str, float]:
+    """The numbers of an epoch's logs (what is logged as metrics)."""
+    return {
+        key: float(value)
+        for key, value in (logs or {}).items()
+        if isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+    }
+
+
+def logged_steps(run_id: str) -> dict[str, set[int]]:
+    """The steps each per-epoch metric of the run already has in the store."""
+    client = MlflowClient()
+    keys = [key for key in client.get_run(run_id).data.metrics if not key.startswith("system/")]
+    return {key: {metric.step for metric in client.get_metric_history(run_id, key)} for key in keys}
+
+
+def backfill(run_id: str, rows: list[dict], logged: dict[str, set[int]]) -> int:
+    """Log every point of ``rows`` (``{"epoch": step, name: value}``) the store lacks; return how many."""
+    timestamp = int(time.time() * 1000)
+    missing = [
+        Metric(key, value, timestamp, int(row["epoch"]))
+        for row in rows
+        for key, value in row.items()
+        if key != "epoch" and int(row["epoch"]) not in logged.get(key, set())
+    ]
+    client = MlflowClient()
+    for start in range(0, len(missing), 1000):  # MLflow takes at most 1,000 metrics per batch
+        client.log_batch(run_id, metrics=missing[start:start + 1000])
+    for metric in missing:
+        logged.setdefault(metric.key, set()).add(metric.step)
+    return len(missing)
+
+
 class TrackingCallback(keras.callbacks.Callback):
     """Logs each epoch's metrics at ``step = epoch`` (from 1) and, at the end, the history files.
 
     All numbers in the epoch's logs are logged in one batched call per epoch, asynchronously
     (MLflow's logging queue), so training does not wait for the store; ``on_train_end`` waits until
     every point is stored. ``logging_seconds`` is the time the training thread spent in logging.
+
+    Resuming a run: ``rows`` are the epochs done before (they go into ``history.csv``), and
+    ``logged`` the steps the store already holds per metric; a point already there is not logged
+    again, so a retrained epoch leaves no duplicate step.
     """
 
-    def __init__(self, run_id: str, title: str = ""):
+    def __init__(self, run_id: str, title: str = "", rows: list[dict] | None = None,
+                 logged: dict[str, set[int]] | None = None):
         super().__init__()
         self.run_id = run_id
         self.title = title
         self.client = MlflowClient()
-        self.rows: list[dict] = []
+        self.rows: list[dict] = list(rows or [])
+        self.logged = logged if logged is not None else {}
         self.logging_seconds = 0.0
         self._pending = []
 
@@ -163,19 +240,12 @@ class TrackingCallback(keras.callbacks.Callback):
         started = time.perf_counter()
         step = epoch + 1
         timestamp = int(time.time() * 1000)
-        numbers = {
-            key: float(value)
-            for key, value in (logs or {}).items()
-            if isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-        }
+        numbers = epoch_numbers(logs)
         self.rows.append({"epoch": step, **numbers})
-        self._pending.append(
-            self.client.log_batch(
-                self.run_id,
-                metrics=[Metric(key, value, timestamp, step) for key, value in numbers.items()],
-                synchronous=False,
-            )
-        )
+        metrics = [Metric(key, value, timestamp, step) for key, value in numbers.items()
+                   if step not in self.logged.get(key, ())]
+        if metrics:
+            self._pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
         self.logging_seconds += time.perf_counter() - started
 
     def wait(self) -> None:
