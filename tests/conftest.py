@@ -33,7 +33,9 @@ def tracking_uri(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # default artifact root ./mlruns lands in tmp_path
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    # set, then delete: monkeypatch then restores its absence, even if the test (train.main --run_id) sets it
+    monkeypatch.setenv("MLFLOW_RUN_ID", "")
+    monkeypatch.delenv("MLFLOW_RUN_ID")
     mlflow.set_tracking_uri(uri)
     yield uri
     while mlflow.active_run():
