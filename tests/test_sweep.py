@@ -202,6 +202,33 @@ def test_sweep_without_mlflow_run_creates_and_then_continues_its_parent(tracking
     assert parents[0].data.params["seeds"] == "2"
 
 
+def test_shards_on_several_machines_share_one_parent_and_split_the_children(tracking_uri, monkeypatch, capsys):
+    """Two machines (shards 0/2 and 1/2) run one sweep: each child once, one parent, FINISHED at the end."""
+    launched = {}
+
+    def finish_at_once(client, experiment_id, parent_id, key, child, log_dir, resume_run_id=None):
+        run = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent_id, "sweep_key": key,
+                                                     "sweep_child": child.key, "sweep_member": child.member,
+                                                     "sweep_role": "child"})
+        client.set_terminated(run.info.run_id, "FINISHED")
+        launched.setdefault(child.key, []).append(parent_id)
+        return "FINISHED"
+
+    monkeypatch.setattr(sweep, "run_child", finish_at_once)
+    assert sweep.main(["--experiment", "quick", "--seeds", "3", "--shard", "0/2"]) == 0
+    assert "the parent stays RUNNING" in capsys.readouterr().out
+    client = MlflowClient(tracking_uri)
+    (parent,) = client.search_runs(["0"], filter_string="tags.sweep_role = 'parent'")
+    assert parent.info.status == "RUNNING" and len(launched) == 3
+    assert sweep.main(["--experiment", "quick", "--seeds", "3", "--shard", "1/2"]) == 0
+    assert sorted(launched) == sorted(child.key for child in sweep.plan("quick", 3, {}))
+    assert all(parents == [parent.info.run_id] for parents in launched.values())  # each child once, one parent
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        assert sweep.main(["--experiment", "quick", f"--shard={bad}"]) == 2
+        assert f"shard='{bad}' is not allowed: expected i/n with 0 <= i < n" in capsys.readouterr().err
+
+
 def test_sweep_bad_arguments_are_one_line(tracking_uri, capsys):
     assert sweep.main(["--experiment", "quick", "--seeds", "two"]) == 2
     assert capsys.readouterr().err.strip() == "error: seeds='two' is not allowed: expected a whole number."

@@ -92,6 +92,9 @@ class Config:
     max_examples: int = _field(
         0, "use at most this many examples of each split (train, validation, test); 0: all"
     )
+    devices: str = _field(
+        "auto", "data-parallel replicas: auto (every GPU, else the CPU) or a number; on a CPU, N > 1 logical devices"
+    )
     checkpoint_dir: str = _field(
         "checkpoints", "folder of the per-run checkpoints (<checkpoint_dir>/<run id>/), saved every epoch for resuming"
     )
@@ -288,6 +291,18 @@ def validate(config: Config) -> Config:
     )
     _require(
         config.max_examples >= 0, "max_examples", config.max_examples, "a whole number >= 0 (0: all)"
+    )
+    _require(
+        config.devices == "auto" or (config.devices.isdigit() and int(config.devices) >= 1),
+        "devices",
+        config.devices,
+        "auto or a whole number >= 1",
+    )
+    _require(
+        not config.jit_compile or config.devices in ("auto", "1"),
+        "jit_compile",
+        config.jit_compile,
+        "false with several devices (XLA's padded batches are for one device)",
     )
     _require(
         config.checkpoint_dir != "" and not os.path.isfile(config.checkpoint_dir),

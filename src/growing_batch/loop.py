@@ -16,6 +16,7 @@ The loop knows nothing of MLflow; tracking is a callback (``growing_batch.tracki
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Iterable, Mapping
@@ -130,6 +131,8 @@ class TrainStep:
         pad_to_buckets: bool | None = None,
         augment: bool = False,
         image_dtype=tf.float32,
+        strategy: tf.distribute.Strategy | None = None,
+        split_unit: int = 1,
     ):
         self.model = model
         self.loss = loss
@@ -140,11 +143,24 @@ class TrainStep:
         self.image_dtype = tf.as_dtype(image_dtype)
         if self.pad_to_buckets and max_device_batch_size > 0:
             raise ValueError("padding to buckets (jit_compile) and max_device_batch_size cannot be combined.")
+        # Several replicas: each step's batch is split over them (see growing_batch.distribute).
+        self.strategy = strategy if strategy is not None and strategy.num_replicas_in_sync > 1 else None
+        self.replicas = self.strategy.num_replicas_in_sync if self.strategy else 1
+        self.split_unit = max(1, int(split_unit))
+        if self.strategy and self.pad_to_buckets:
+            raise ValueError("padding to buckets (jit_compile) needs a single device.")
         self.traces = 0
         self.compiled_shapes: set[int] = set()
-        self.loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False)
-        self.correct = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.count = tf.Variable(0, dtype=tf.int64, trainable=False)
+        with self.strategy.scope() if self.strategy else contextlib.nullcontext():
+            # Per replica, summed when read (the epoch's totals over all replicas).
+            local = dict(synchronization=tf.VariableSynchronization.ON_READ, aggregation=tf.VariableAggregation.SUM)
+            self.loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False, **local)
+            self.correct = tf.Variable(0, dtype=tf.int64, trainable=False, **local)
+            self.count = tf.Variable(0, dtype=tf.int64, trainable=False, **local)
+            if max_device_batch_size > 0:
+                self.accumulators = [
+                    tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, **local) for v in model.trainable_variables
+                ]
         source_spec = [
             tf.TensorSpec((None, *model.input_shape[1:]), self.image_dtype),  # all images
             tf.TensorSpec((None,), tf.int32),  # all labels
@@ -155,15 +171,16 @@ class TrainStep:
         if self.pad_to_buckets:  # + the number of real (unpadded) indices
             self.function = tf.function(self._padded_step, input_signature=[*source_spec, scalar],
                                         jit_compile=jit_compile)
+        elif self.strategy:
+            self.function = tf.function(self._distributed_step, input_signature=source_spec)
         else:
             self.function = tf.function(self._step, input_signature=source_spec)
         if max_device_batch_size > 0:
-            self.accumulators = [
-                tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in model.trainable_variables
-            ]
             # + the micro-batch's offset in its batch and the batch's size
-            self.accumulate = tf.function(self._accumulate, input_signature=[*source_spec, scalar, scalar])
-            self.apply = tf.function(self._apply, input_signature=[])
+            accumulate, apply = (self._distributed_accumulate, self._distributed_apply) if self.strategy else (
+                self._accumulate, self._apply)
+            self.accumulate = tf.function(accumulate, input_signature=[*source_spec, scalar, scalar])
+            self.apply = tf.function(apply, input_signature=[])
 
     def reset(self) -> None:
         self.loss_sum.assign(0.0)
@@ -227,6 +244,81 @@ class TrainStep:
             accumulator.assign(tf.zeros_like(accumulator))
         return self._logs()
 
+    # --- several replicas: the batch is gathered once, then split over them -----------------------
+
+    def _replica_slice(self, images, labels):
+        """This replica's share of a batch, in replica order: whole ghost batches (``split_unit``
+        examples; the last may be short), as evenly as possible over the replicas, so that every
+        ghost batch is the one a single device would normalise. A batch of fewer ghost batches than
+        replicas is split example by example instead. A replica left without an example (a batch
+        smaller than the number of replicas) gets the batch's first example with weight 0, so that
+        every replica runs the same step; the returned weights are 1 for real examples."""
+        replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int32)
+        size = tf.shape(labels)[0]
+        unit = tf.where((size + self.split_unit - 1) // self.split_unit >= self.replicas, self.split_unit, 1)
+        units = (size + unit - 1) // unit
+        base, extra = units // self.replicas, units % self.replicas
+        first = replica * base + tf.minimum(replica, extra)
+        last = first + base + tf.cast(replica < extra, tf.int32)
+        start, stop = tf.minimum(first * unit, size), tf.minimum(last * unit, size)
+        empty = stop == start
+        start, stop = tf.where(empty, 0, start), tf.where(empty, 1, stop)
+        weights = tf.fill([stop - start], tf.where(empty, 0.0, 1.0))
+        return images[start:stop], labels[start:stop], weights
+
+    def _replica_gradients(self, images, labels, total):
+        """Gradients of this replica's summed loss over the global ``total``; summed over replicas by the
+        optimizer, they are the gradient of the mean loss over the whole batch."""
+        images, labels, weights = self._replica_slice(images, labels)
+        with tf.GradientTape() as tape:
+            logits = self.model(images, training=True)
+            per_example = weights * tf.cast(
+                keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True), tf.float32
+            )
+            objective = tf.reduce_sum(per_example) / tf.cast(total, tf.float32)
+            if self.model.losses:  # the penalty once in the sum over replicas
+                objective += tf.add_n(self.model.losses) / self.replicas
+        gradients = tape.gradient(objective, self.model.trainable_variables)
+        hit = weights * tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
+        self.loss_sum.assign_add(tf.reduce_sum(tf.cast(per_example, tf.float64)))
+        self.correct.assign_add(tf.cast(tf.reduce_sum(hit), tf.int64))
+        self.count.assign_add(tf.cast(tf.reduce_sum(weights), tf.int64))
+        return gradients
+
+    def _distributed_step(self, images, labels, indices, seed):
+        self.traces += 1
+        batch_images, batch_labels = self._batch(images, labels, indices, seed)
+
+        def update(batch_images, batch_labels):
+            gradients = self._replica_gradients(batch_images, batch_labels, tf.shape(batch_labels)[0])
+            self.model.optimizer.apply(gradients, self.model.trainable_variables)
+
+        self.strategy.run(update, args=(batch_images, batch_labels))
+        return self._logs()
+
+    def _distributed_accumulate(self, images, labels, indices, seed, offset, total):
+        self.traces += 1
+        batch_images, batch_labels = self._batch(images, labels, indices, seed, offset, total)
+
+        def accumulate(batch_images, batch_labels):
+            gradients = self._replica_gradients(batch_images, batch_labels, total)
+            for accumulator, gradient in zip(self.accumulators, gradients):
+                accumulator.assign_add(gradient)
+
+        self.strategy.run(accumulate, args=(batch_images, batch_labels))
+        return self._logs()
+
+    def _distributed_apply(self):
+        self.traces += 1
+
+        def apply():
+            self.model.optimizer.apply([a.read_value() for a in self.accumulators], self.model.trainable_variables)
+            for accumulator in self.accumulators:
+                accumulator.assign(tf.zeros_like(accumulator))
+
+        self.strategy.run(apply)
+        return self._logs()
+
     def __call__(self, images, labels, indices=None, seed=(0, 0)):
         """One update on ``images[indices]`` (default: all of ``images``); returns the epoch's running logs."""
         if indices is None:
@@ -240,7 +332,7 @@ class TrainStep:
             # Padding repeats example 0; the mask gives it no weight.
             indices = np.concatenate([indices, np.zeros(padded - size, np.int32)])
             return self.function(images, labels, indices, seed, tf.constant(size, tf.int32))
-        micro = self.max_device_batch_size
+        micro = self.max_device_batch_size * self.replicas  # max_device_batch_size is per device
         if micro <= 0 or size <= micro:
             return self.function(images, labels, indices, seed)
         total = tf.constant(size, tf.int32)
@@ -306,6 +398,7 @@ def fit(
     initial_updates: int = 0,
     initial_examples_seen: int = 0,
     interruption: Interruption | None = None,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> keras.callbacks.History:
     """Train ``model`` (compiled with an optimizer and a loss) up to epoch ``epochs``.
 
@@ -325,6 +418,9 @@ def fit(
     training metrics and schedule go to ``on_epoch_end`` (no evaluation of the broken weights) and
     the returned history's ``diverged_epoch`` is that epoch (counted from 1), else None.
 
+    Several devices: with a ``strategy`` of several replicas (the model and optimizer built in its
+    scope), each batch is split over the replicas (see :mod:`growing_batch.distribute`).
+
     Interruption: when ``interruption.requested`` turns true (a signal arrived), training stops
     after the current batch, that unfinished epoch is dropped (no ``on_epoch_end``, no
     ``on_train_end``) and :class:`TrainingInterrupted` is raised.
@@ -339,9 +435,12 @@ def fit(
         and train_step.jit_compile == jit_compile
         and train_step.augment == batches.augment
         and train_step.image_dtype == batches.images.dtype
+        and train_step.strategy is (strategy if strategy is not None and strategy.num_replicas_in_sync > 1 else None)
     ):
+        ghost_sizes = [layer.ghost_batch_size for layer in model.layers if hasattr(layer, "ghost_batch_size")]
         train_step = TrainStep(model, model.loss, max_device_batch_size, jit_compile, augment=batches.augment,
-                               image_dtype=batches.images.dtype)
+                               image_dtype=batches.images.dtype, strategy=strategy,
+                               split_unit=max(ghost_sizes, default=1))
     evaluator = getattr(model, "evaluator_function", None)
     if not isinstance(evaluator, Evaluator):
         evaluator = Evaluator(model)

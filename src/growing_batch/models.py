@@ -64,10 +64,12 @@ class GhostBatchNormalization(keras.layers.Layer):
         self.gamma = self.add_weight(shape=channels, initializer="ones", name="gamma", autocast=False)
         self.beta = self.add_weight(shape=channels, initializer="zeros", name="beta", autocast=False)
         self.moving_mean = self.add_weight(
-            shape=channels, initializer="zeros", name="moving_mean", trainable=False, autocast=False
+            shape=channels, initializer="zeros", name="moving_mean", trainable=False, autocast=False,
+            aggregation="mean",  # on several replicas: the mean of their updates
         )
         self.moving_variance = self.add_weight(
-            shape=channels, initializer="ones", name="moving_variance", trainable=False, autocast=False
+            shape=channels, initializer="ones", name="moving_variance", trainable=False, autocast=False,
+            aggregation="mean",
         )
 
     def call(self, inputs, training=False):

@@ -220,11 +220,27 @@ def _experiment_id(client: MlflowClient) -> str:
     return "0"
 
 
-def sweep(experiment: str, seeds: int, workers: int, overrides: dict[str, str]) -> int:
-    """Run (or continue) a sweep; returns 0 when every child FINISHED or diverged, else 1."""
+def parse_shard(text: str) -> tuple[int, int]:
+    """``i/n`` -> (i, n): this machine trains children i, i + n, i + 2n, … of the plan; empty -> (0, 1)."""
+    if not text.strip():
+        return 0, 1
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise ConfigError(f"shard={text!r} is not allowed: expected i/n with 0 <= i < n, e.g. 0/2 and 1/2 on two machines.")
+    return index, count
+
+
+def sweep(experiment: str, seeds: int, workers: int, overrides: dict[str, str], shard: str = "") -> int:
+    """Run (or continue) a sweep, or its ``shard`` (``i/n``); returns 0 when every child it ran FINISHED
+    or diverged, else 1."""
     children = plan(experiment, seeds, overrides)
     if workers < 1:
         raise ConfigError(f"workers='{workers}' is not allowed: expected a whole number >= 1.")
+    index, count = parse_shard(shard)
+    planned, children = children, children[index::count]
     client = MlflowClient()
     client.search_experiments(max_results=1)  # create or migrate the store once, before any fan-out
     key = sweep_key(experiment, seeds, overrides)
@@ -245,7 +261,9 @@ def sweep(experiment: str, seeds: int, workers: int, overrides: dict[str, str]) 
         client.log_batch(parent_id, params=[mlflow.entities.Param(n, str(v)) for n, v in
                                             {"seeds": seeds, "members": ",".join(m.name for m in EXPERIMENTS[experiment]),
                                              **{f"override.{k}": v for k, v in overrides.items()}}.items()])
-        _say(f"sweep {experiment}: {len(children)} children, parent run {parent_id}")
+        _say(f"sweep {experiment}: {len(planned)} children, parent run {parent_id}")
+    if count > 1:
+        _say(f"shard {index}/{count}: {len(children)} of the {len(planned)} children on this machine")
 
     previous = existing_children(client, experiment_id, parent_id)
     to_run: list[tuple[Child, str | None]] = []
@@ -278,9 +296,29 @@ def sweep(experiment: str, seeds: int, workers: int, overrides: dict[str, str]) 
     _say(table)
     all_finished = all(status in ("FINISHED", "DIVERGED") for status in statuses)
     if parent_id != current:
-        client.set_terminated(parent_id, "FINISHED" if all_finished else "FAILED")
+        outcome = _parent_outcome(client, experiment_id, parent_id, planned) if count > 1 else (
+            "FINISHED" if all_finished else "FAILED")
+        if outcome == "RUNNING":
+            _say("other shards are still training children of this sweep: the parent stays RUNNING")
+        else:
+            client.set_terminated(parent_id, outcome)
     _say(f"\nparent run {parent_id}; open it with: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
     return 0 if all_finished else 1
+
+
+def _parent_outcome(client: MlflowClient, experiment_id: str, parent_id: str, planned: list[Child]) -> str:
+    """FINISHED when every planned child has a FINISHED or diverged run, RUNNING while another shard
+    still trains one (or has not started it), else FAILED."""
+    runs = existing_children(client, experiment_id, parent_id)
+    outcome = "FINISHED"
+    for child in planned:
+        current = [run for run in runs.get(child.key, []) if run.data.tags.get("sweep_superseded") != "true"]
+        if any(run.info.status == "FINISHED" or run.data.tags.get("diverged") == "true" for run in current):
+            continue
+        if not current or any(run.info.status == "RUNNING" for run in current):
+            return "RUNNING"
+        outcome = "FAILED"
+    return outcome
 
 
 def make_parser() -> config_module.OneLineParser:
@@ -288,6 +326,8 @@ def make_parser() -> config_module.OneLineParser:
     parser.add_argument("--experiment", required=True, help=f"one of {', '.join(EXPERIMENTS)}")
     parser.add_argument("--seeds", default="1", help="seeds 0..seeds-1 per member (default 1)")
     parser.add_argument("--workers", default="1", help="children trained at once, each a process (default 1)")
+    parser.add_argument("--shard", default="", help="i/n: train only children i, i+n, ... (one machine of n); "
+                                                    "empty: all")
     for name in OVERRIDES:
         parser.add_argument(f"--{name}", default="", help="passed to every child (empty: the member's own)")
     return parser
@@ -299,7 +339,7 @@ def main(argv=None) -> int:
         seeds = config_module.parse_whole_number("seeds", arguments.seeds)
         workers = config_module.parse_whole_number("workers", arguments.workers)
         overrides = {name: getattr(arguments, name) for name in OVERRIDES}
-        return sweep(arguments.experiment, seeds, workers, overrides)
+        return sweep(arguments.experiment, seeds, workers, overrides, arguments.shard)
     except ConfigError as error:
         return exit_with_error(str(error))
 

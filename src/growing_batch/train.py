@@ -36,7 +36,7 @@ import urllib.error
 import urllib.request
 from typing import Sequence
 
-from growing_batch import checkpoint
+from growing_batch import checkpoint, distribute
 from growing_batch import config as config_module
 from growing_batch.checkpoint import CheckpointError
 from growing_batch.config import Config, ConfigError
@@ -60,9 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if run_id:
             os.environ["MLFLOW_RUN_ID"] = run_id  # what `mlflow run --run-id` sets
         run_id = os.environ.get("MLFLOW_RUN_ID") or None
-        check_tracking_store()
+        chief = distribute.is_chief()  # of a multi-worker cluster: only the chief talks to MLflow
+        if chief:
+            check_tracking_store()
         values = given
-        if run_id:  # continuing a run: its own parameters, unless given (then they must agree)
+        if run_id and chief:  # continuing a run: its own parameters, unless given (then they must agree)
             values = {**_resolved_params(run_id, required=not given), **config_module.given_texts(given)}
         config = config_module.from_strings(values)
     except Refused as error:
@@ -201,6 +203,10 @@ def train(config: Config, extra_callbacks: Sequence = (), verbose: int = 1, give
     """
     from growing_batch import data, schedules
 
+    strategy = distribute.make_strategy(config.devices)  # first: logical devices need a fresh runtime
+    replicas = distribute.replica_count(strategy)
+    if config.jit_compile and replicas > 1:
+        raise ConfigError(f"jit_compile='true' is not allowed: expected false with {replicas} replicas (devices).")
     run_id = os.environ.get("MLFLOW_RUN_ID") or None
     splits = data.load(
         config.dataset, config.data_dir, config.validation_size, config.seed, config.max_examples
@@ -209,6 +215,8 @@ def train(config: Config, extra_callbacks: Sequence = (), verbose: int = 1, give
     config_module.validate_against_data(config, train_size)
     max_batch_size = schedules.resolve_max_batch_size(config.max_batch_size, train_size)
     schedule = schedules.build_schedule(config, train_size)
+    if not distribute.is_chief():
+        return _train_as_worker(config, strategy, splits, schedule, run_id, verbose)
 
     with contextlib.ExitStack() as stack:
         if run_id:  # an existing run: no other process may train it meanwhile
@@ -220,19 +228,7 @@ def train(config: Config, extra_callbacks: Sequence = (), verbose: int = 1, give
 
         from growing_batch import models, tracking
 
-        keras.utils.set_random_seed(config.seed)
-        keras.mixed_precision.set_global_policy(config.precision)
-        model = models.build(
-            config.model, splits.image_shape, splits.num_classes, config.seed, config.weight_decay,
-            config.ghost_batch_size,
-        )
-        optimizer = models.build_optimizer(config.optimizer, config.learning_rate, config.momentum, config.nesterov)
-        models.compile_for_training(model, optimizer)
-        batches = data.EpochBatches(splits.train, config.seed, config.augment)
-        evaluation = {}
-        if len(splits.validation):
-            evaluation["val"] = data.evaluation_batches(splits.validation)
-        evaluation["test"] = data.evaluation_batches(splits.test)
+        model, batches, evaluation = _build(config, strategy, splits)
 
         active = tracking.start_run(config, given)
         try:
@@ -240,7 +236,7 @@ def train(config: Config, extra_callbacks: Sequence = (), verbose: int = 1, give
                 run_id = active.info.run_id
                 stack.enter_context(_lock(config, run_id))
             return _train_in_run(config, run_id, resume_state, model, batches, schedule, evaluation, splits,
-                                 max_batch_size, extra_callbacks, verbose)
+                                 max_batch_size, extra_callbacks, verbose, strategy)
         except StoreLost:
             _leave_run_to_resume()
             raise
@@ -299,8 +295,54 @@ def _lock(config: Config, run_id: str):
         lock.__exit__(None, None, None)
 
 
+def _build(config: Config, strategy, splits):
+    """The compiled model (in the strategy's scope), the training batches and the evaluation splits."""
+    import keras
+
+    from growing_batch import data, models
+
+    keras.utils.set_random_seed(config.seed)
+    keras.mixed_precision.set_global_policy(config.precision)
+    with strategy.scope():
+        model = models.build(
+            config.model, splits.image_shape, splits.num_classes, config.seed, config.weight_decay,
+            config.ghost_batch_size,
+        )
+        optimizer = models.build_optimizer(config.optimizer, config.learning_rate, config.momentum, config.nesterov)
+        models.compile_for_training(model, optimizer)
+    batches = data.EpochBatches(splits.train, config.seed, config.augment)
+    evaluation = {}
+    if len(splits.validation):
+        evaluation["val"] = data.evaluation_batches(splits.validation)
+    evaluation["test"] = data.evaluation_batches(splits.test)
+    return model, batches, evaluation
+
+
+def _train_as_worker(config: Config, strategy, splits, schedule, run_id: str | None, verbose: int) -> int:
+    """A multi-worker cluster's non-chief task: the same steps as the chief, nothing logged or saved.
+
+    It continues from the run's checkpoint when ``MLFLOW_RUN_ID`` names one it can read (a folder
+    shared with the chief), so that every worker resumes at the same epoch.
+    """
+    from growing_batch import loop
+
+    model, batches, _ = _build(config, strategy, splits)
+    state = checkpoint.State(config=config.to_dict())
+    if run_id and checkpoint.exists(config.checkpoint_dir, run_id):
+        state = checkpoint.restore(config.checkpoint_dir, run_id, model)
+    with loop.Interruption() as interruption:
+        try:
+            loop.fit(model, batches, loop.ScheduleCallback(schedule, batches), epochs=config.epochs, verbose=0,
+                     max_device_batch_size=config.max_device_batch_size, initial_epoch=state.epoch,
+                     initial_updates=state.updates, initial_examples_seen=state.examples_seen,
+                     interruption=interruption, strategy=strategy)
+        except loop.TrainingInterrupted as stop:
+            return 128 + getattr(signal, stop.signal_name).value
+    return 0
+
+
 def _train_in_run(config, run_id, resume_state, model, batches, schedule, evaluation, splits, max_batch_size,
-                  extra_callbacks, verbose) -> int:
+                  extra_callbacks, verbose, strategy) -> int:
     import math
 
     import mlflow
@@ -321,8 +363,12 @@ def _train_in_run(config, run_id, resume_state, model, batches, schedule, evalua
                 "data_source": splits.source,
                 "parameters": model.count_params(),
                 "epochs_counted_from": 1,
+                "replicas": int(strategy.num_replicas_in_sync),
+                "distribution": distribute.describe(strategy),
             },
         )
+        mlflow.log_param("replicas", int(strategy.num_replicas_in_sync))
+        mlflow.set_tag("distribution", distribute.describe(strategy))
         logged = {}
         print(
             f"run {run_id} ({title}): {config.dataset} N={len(splits.train)}, "
@@ -344,7 +390,7 @@ def _train_in_run(config, run_id, resume_state, model, batches, schedule, evalua
     saver = loop.CheckpointCallback(config.checkpoint_dir, run_id, state)
     try:
         return _fit_and_finish(config, run_id, model, batches, schedule, evaluation, splits, extra_callbacks,
-                               verbose, state, tracker, saver, title)
+                               verbose, state, tracker, saver, title, strategy)
     except _store_errors() as error:
         if _store_answers():
             raise
@@ -352,7 +398,7 @@ def _train_in_run(config, run_id, resume_state, model, batches, schedule, evalua
 
 
 def _fit_and_finish(config, run_id, model, batches, schedule, evaluation, splits, extra_callbacks, verbose, state,
-                    tracker, saver, title) -> int:
+                    tracker, saver, title, strategy) -> int:
     import math
 
     import mlflow
@@ -375,6 +421,7 @@ def _fit_and_finish(config, run_id, model, batches, schedule, evaluation, splits
                 initial_updates=state.updates,
                 initial_examples_seen=state.examples_seen,
                 interruption=interruption,
+                strategy=strategy,
             )
     except loop.TrainingInterrupted as stop:
         tracker.wait()

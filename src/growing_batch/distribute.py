@@ -1,0 +1,121 @@
+"""Data-parallel training with TensorFlow's own engine, ``tf.distribute``.
+
+``devices`` (a config field) chooses the replicas of one machine:
+
+* ``auto`` — every visible GPU (one replica each); on a machine without GPUs, the CPU as one device;
+* a number N — the first N GPUs; on a machine without GPUs, N > 1 splits the CPU into N logical
+  devices (``tf.config.set_logical_device_configuration``), which is how tests and CI exercise it.
+
+More than one replica trains under ``tf.distribute.MirroredStrategy``. With ``TF_CONFIG`` naming a
+cluster of several tasks, training runs under ``tf.distribute.MultiWorkerMirroredStrategy`` instead
+(every worker runs the same command; each uses all its local GPUs, or its CPU) and only the chief
+logs to MLflow (:func:`is_chief`).
+
+The schedule's batch size is the global batch: each step's batch is gathered once and split as
+evenly as possible over all replicas (sizes differ by at most one example, or one ghost batch with
+ghost batch norm: see :meth:`growing_batch.loop.TrainStep._replica_slice`); each replica's loss is
+its examples' summed loss over the *global* batch size, and the optimizer sums the replicas'
+gradients, so an update is the mean gradient over the whole batch, as on one device.
+
+Logical CPU devices can only be made before TensorFlow starts its runtime: :func:`make_strategy` is
+called first thing in a training process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from growing_batch.config import ConfigError
+
+
+def cluster() -> dict | None:
+    """The cluster of ``TF_CONFIG`` when it names more than one task, else None."""
+    text = os.environ.get("TF_CONFIG", "").strip()
+    if not text:
+        return None
+    try:
+        config = json.loads(text)
+        tasks = sum(len(addresses) for addresses in config["cluster"].values())
+        config["task"]["type"], int(config["task"]["index"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(
+            f"TF_CONFIG={text[:200]!r} is not allowed: expected JSON with 'cluster' (task type -> addresses) and "
+            f"'task' ({{'type': ..., 'index': ...}}), as tf.distribute reads it ({error})."
+        ) from None
+    return config if tasks > 1 else None
+
+
+def is_chief() -> bool:
+    """Whether this process logs the run: the only process, or the cluster's chief (else worker 0)."""
+    config = cluster()
+    if config is None:
+        return True
+    task = config["task"]
+    if "chief" in config["cluster"]:
+        return task["type"] == "chief"
+    return task["type"] == "worker" and int(task["index"]) == 0
+
+
+def parse_devices(text: str) -> int | None:
+    """``auto`` -> None, else the whole number of devices (>= 1)."""
+    if text == "auto":
+        return None
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1 or str(number) != text.strip():
+        raise ConfigError(f"devices={text!r} is not allowed: expected auto or a whole number >= 1.")
+    return number
+
+
+def make_strategy(devices: str):
+    """The ``tf.distribute`` strategy for ``devices`` (see the module); the default one for one device."""
+    import tensorflow as tf
+
+    requested = parse_devices(devices)
+    if cluster() is not None:
+        if requested not in (None, 1) and not tf.config.list_physical_devices("GPU"):
+            raise ConfigError(
+                f"devices={devices!r} is not allowed with TF_CONFIG on a machine without GPUs: expected auto "
+                "(each worker trains on its CPU as one device)."
+            )
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        count = len(gpus) if requested is None else requested
+        if count > len(gpus):
+            raise ConfigError(f"devices={devices!r} is not allowed: expected at most the {len(gpus)} visible GPUs.")
+        if count == 1:
+            return tf.distribute.get_strategy()
+        return tf.distribute.MirroredStrategy([f"/gpu:{index}" for index in range(count)])
+    count = requested or 1
+    if count == 1:
+        return tf.distribute.get_strategy()
+    cpus = tf.config.list_physical_devices("CPU")
+    try:  # listing the logical devices would start the runtime: try first
+        tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError:
+        if len(tf.config.list_logical_devices("CPU")) != count:
+            raise ConfigError(
+                f"devices={devices!r} is not allowed in this process: TensorFlow already started with "
+                f"{len(tf.config.list_logical_devices('CPU'))} CPU device(s); choose devices before TensorFlow "
+                "starts (a new process, e.g. python -m growing_batch.train --devices N)."
+            ) from None
+    return tf.distribute.MirroredStrategy([f"/cpu:{index}" for index in range(count)])
+
+
+def replica_count(strategy) -> int:
+    return int(strategy.num_replicas_in_sync)
+
+
+def describe(strategy) -> str:
+    """``one-device``, ``MirroredStrategy`` or ``MultiWorkerMirroredStrategy`` (the run's tag ``distribution``)."""
+    import tensorflow as tf
+
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "MultiWorkerMirroredStrategy"
+    if isinstance(strategy, tf.distribute.MirroredStrategy):
+        return "MirroredStrategy"
+    return "one-device"
