@@ -11,7 +11,6 @@ import shutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-import fake_data
 from growing_batch import bench, report, sweep, train
 
 

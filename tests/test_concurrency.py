@@ -7,12 +7,13 @@ started at once against a store that does not exist yet build it once between th
 
 import os
 import subprocess
-import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+import processes
 from growing_batch.metrics import EPOCH_METRICS
+from processes import mlflow_run_command, train_command
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What a failed write to the store looks like: the lock, MLflow's async-queue failure, sqlite's error.
@@ -20,32 +21,7 @@ STORE_FAILURES = ("database is locked", "Failed to log run data", "OperationalEr
 
 
 def environment(uri: str) -> dict:
-    env = dict(
-        os.environ,
-        MLFLOW_TRACKING_URI=uri,
-        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.5",
-        TF_CPP_MIN_LOG_LEVEL="2",
-        PYTHONPATH=os.pathsep.join(filter(None, [os.path.join(PROJECT_DIR, "src"), os.environ.get("PYTHONPATH")])),
-        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-    )
-    env.pop("MLFLOW_RUN_ID", None)
-    env.pop("MLFLOW_EXPERIMENT_ID", None)
-    return env
-
-
-def train_command(values: dict) -> list[str]:
-    command = [sys.executable, "-m", "growing_batch.train"]
-    for name, value in values.items():
-        command += [f"--{name}", str(value)]
-    return command
-
-
-def mlflow_run_command(values: dict, experiment: str) -> list[str]:
-    command = [sys.executable, "-m", "mlflow", "run", PROJECT_DIR, "--env-manager", "local",
-               "--experiment-name", experiment]
-    for name, value in values.items():
-        command += ["-P", f"{name}={value}"]
-    return command
+    return processes.environment(uri, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.5")
 
 
 def run_all_at_once(commands: list[list[str]], tmp_path, env: dict) -> list[tuple[int, str]]:
@@ -100,7 +76,7 @@ def test_four_runs_at_once_in_one_store_finish_with_every_point(tmp_path, fashio
               "checkpoint_dir": str(tmp_path / "checkpoints")}
     env = dict(environment(uri), MLFLOW_EXPERIMENT_NAME=experiment)
     commands = [train_command({**values, "seed": seed}) for seed in (0, 1)]
-    commands += [mlflow_run_command({**values, "seed": seed}, experiment) for seed in (2, 3)]
+    commands += [mlflow_run_command({**values, "seed": seed}, experiment=experiment) for seed in (2, 3)]
 
     results = run_all_at_once(commands, tmp_path, env)
 

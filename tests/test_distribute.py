@@ -1,10 +1,8 @@
 """Data-parallel training: logical CPU devices under MirroredStrategy, two workers on loopback."""
 
 import json
-import os
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from growing_batch import distribute
 from growing_batch.config import ConfigError, from_args
 from growing_batch.metrics import EPOCH_METRICS
 
-from test_reliability import environment, histories, train_command
+from processes import environment, histories, train_command
 
 GROWING = {"schedule": "batch-growth", "batch_size": 16, "batch_growth": 1.5, "max_batch_size": 100, "epochs": 3,
            "validation_size": 40, "learning_rate": 0.05, "momentum": 0.9}
@@ -59,25 +57,28 @@ def finished_run(uri):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("extra", [{}, {"max_device_batch_size": 8}], ids=["whole batches", "accumulated"])
-def test_two_logical_cpu_devices_give_one_devices_metrics(tmp_path, fashion_dir, extra):
+def test_two_logical_cpu_devices_give_one_devices_metrics(tmp_path, fashion_dir):
+    """One device, then two logical devices with whole batches and with gradient accumulation over
+    micro-batches of 8 per device: the same metrics, names, steps and values."""
     results = {}
-    for devices in (1, 2):
-        uri = f"sqlite:///{tmp_path}/devices{devices}.db"
+    for name, devices, extra in (("one", 1, {}), ("two", 2, {}), ("two accumulated", 2, {"max_device_batch_size": 8})):
+        uri = f"sqlite:///{tmp_path}/{name.replace(' ', '-')}.db"
         process = subprocess.run(train_command({**GROWING, **extra, "data_dir": fashion_dir, "devices": devices}),
                                  cwd=tmp_path, env=environment(uri), capture_output=True, text=True, timeout=600)
         assert process.returncode == 0, process.stderr[-3000:]
         run = finished_run(uri)
         assert run.data.params["replicas"] == str(devices)
         assert run.data.tags["distribution"] == ("MirroredStrategy" if devices == 2 else "one-device")
-        results[devices] = histories(uri, run.info.run_id)
-    one, two = results[1], results[2]
-    for key in EPOCH_METRICS:  # the same names and steps
-        assert [step for step, _ in two[key]] == [step for step, _ in one[key]] == [1, 2, 3], key
-    assert [value for _, value in two["batch_size"]] == [16, 24, 36]  # the global batch
-    for key in DETERMINISTIC:  # and the same values: every update is the whole batch's mean gradient
-        np.testing.assert_allclose([v for _, v in two[key]], [v for _, v in one[key]], rtol=1e-4, atol=1e-6,
-                                   err_msg=key)
+        results[name] = histories(uri, run.info.run_id)
+    one = results["one"]
+    for name in ("two", "two accumulated"):
+        two = results[name]
+        for key in EPOCH_METRICS:  # the same names and steps
+            assert [step for step, _ in two[key]] == [step for step, _ in one[key]] == [1, 2, 3], (name, key)
+        assert [value for _, value in two["batch_size"]] == [16, 24, 36]  # the global batch
+        for key in DETERMINISTIC:  # and the same values: every update is the whole batch's mean gradient
+            np.testing.assert_allclose([v for _, v in two[key]], [v for _, v in one[key]], rtol=1e-4, atol=1e-6,
+                                       err_msg=f"{name}: {key}")
 
 
 def free_ports(count):

@@ -50,12 +50,18 @@ def runs(uri, experiment="e2e"):
 
 @pytest.fixture(scope="module")
 def schedule_runs(tmp_path_factory, fashion_dir):
-    """One 2-epoch `mlflow run` per schedule, all in one store."""
+    """One 2-epoch `mlflow run` per schedule, all in one store, four at a time."""
+    import concurrent.futures
+
     tmp_path = tmp_path_factory.mktemp("e2e")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).create_experiment("e2e", artifact_location=str(tmp_path / "artifacts"))  # before fan-out
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        processes = dict(zip(schedules.SCHEDULES, pool.map(
+            lambda name: mlflow_run(tmp_path, uri, {"schedule": name, "data_dir": fashion_dir, **COMMON}),
+            schedules.SCHEDULES)))
     outputs = {}
-    for name in schedules.SCHEDULES:
-        process = mlflow_run(tmp_path, uri, {"schedule": name, "data_dir": fashion_dir, **COMMON})
+    for name, process in processes.items():
         assert process.returncode == 0, process.stderr[-3000:]
         outputs[name] = process.stdout + process.stderr
     by_schedule = {run.data.tags["schedule"]: run for run in runs(uri)}
@@ -78,6 +84,11 @@ def test_each_schedule_logs_one_point_per_epoch_matching_the_schedule(schedule_r
     config = Config(schedule=name, epochs=EPOCHS, validation_size=40, batch_size=16, lr_decay=0.5,
                     batch_growth=2.0, milestones=(1,), step_factor=2.0, learning_rate=0.05)
     schedule = schedules.build_schedule(config, train_size)
+    if name == "adaptive":  # it follows the gradient noise scale the run measured
+        measured = client.get_metric_history(run.info.run_id, "gradient_noise_scale")
+        assert sorted(m.step for m in measured) == list(range(1, EPOCHS + 1))
+        for metric in measured:
+            schedule.observe(metric.step, {"gradient_noise_scale": metric.value})
     for epoch in range(1, EPOCHS + 1):
         step = schedule(epoch)
         assert history["batch_size"][epoch - 1][1] == step.batch_size

@@ -102,3 +102,9 @@ def test_a_growing_run_with_30_batch_sizes_traces_the_train_step_once():
 
 def test_matmul_peak_is_a_positive_rate():
     assert bench.matmul_peak(64, "float32", repetitions=2) > 0
+
+
+def test_the_noise_scale_cost_is_measured_against_an_epoch():
+    cost = bench.noise_scale_cost(bench.synthetic_splits(512, 128), repetitions=2, batch_size=64)
+    assert cost["probe_examples"] == 512 and cost["batch_size"] == 64
+    assert cost["probe_seconds"] > 0 and cost["fraction"] == pytest.approx(cost["probe_seconds"] / cost["epoch_seconds"])

@@ -1,92 +1,25 @@
 """Divergence, checkpoints, interruption (SIGTERM, SIGKILL) and resuming: nothing logged is lost."""
 
 import functools
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
 from growing_batch import checkpoint, config as config_module, data, loop, models, schedules, tracking, train
 from growing_batch.metrics import EPOCH_METRICS
+from processes import (checkpointed_epoch, environment, histories, kill_tree, mlflow_run_command, train_command,
+                       wait_for_checkpoint)
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Metrics that do not depend on the machine's speed: an interrupted and resumed run must match.
 DETERMINISTIC = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
                  "learning_rate", "batch_size", "momentum", "noise_scale", "updates", "examples_seen")
-
-
-def environment(uri, **extra):
-    return dict(os.environ, MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2",
-                PYTHONPATH=os.path.join(PROJECT_DIR, "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""), **extra)
-
-
-def train_command(parameters):
-    command = [sys.executable, "-m", "growing_batch.train"]
-    for name, value in parameters.items():
-        command += [f"--{name}", str(value)]
-    return command
-
-
-def mlflow_run_command(parameters, run_id=None):
-    command = [sys.executable, "-m", "mlflow", "run", PROJECT_DIR, "--env-manager", "local"]
-    if run_id:
-        command += ["--run-id", run_id]
-    for name, value in parameters.items():
-        command += ["-P", f"{name}={value}"]
-    return command
-
-
-def checkpointed_epoch(folder):
-    """The highest epoch of any checkpoint under ``folder`` (0 if none yet), and its run id."""
-    best = (0, None)
-    if os.path.isdir(folder):
-        for run_id in os.listdir(folder):
-            if checkpoint.exists(folder, run_id):
-                try:
-                    best = max(best, (checkpoint.load_state(folder, run_id).epoch, run_id))
-                except checkpoint.CheckpointError:
-                    pass  # being replaced right now
-    return best
-
-
-def wait_for_checkpoint(process, folder, epoch, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        done, run_id = checkpointed_epoch(folder)
-        if done >= epoch:
-            return done, run_id
-        if process.poll() is not None:
-            raise AssertionError(f"the process ended (status {process.returncode}) before epoch {epoch}: "
-                                 f"{process.stdout.read() if process.stdout else ''}")
-        time.sleep(0.02)
-    raise AssertionError(f"no checkpoint of epoch {epoch} within {timeout} s")
-
-
-def kill_tree(process, signal_number=signal.SIGKILL):
-    """Kill a process and all its descendants at once, as a machine going away would."""
-    parent = psutil.Process(process.pid)
-    family = [parent, *parent.children(recursive=True)]
-    for member in family:
-        try:
-            member.send_signal(signal_number)
-        except psutil.NoSuchProcess:
-            pass
-    process.wait(timeout=60)
-
-
-def histories(uri, run_id):
-    client = MlflowClient(uri)
-    return {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
-            for key in EPOCH_METRICS}
 
 
 def final_weights(uri, run_id):
@@ -270,14 +203,10 @@ def test_sigkill_mid_run_then_mlflow_run_resume_matches_an_uninterrupted_run(tmp
 @pytest.mark.e2e
 def test_sigterm_ends_the_run_killed_and_the_package_command_line_resumes_it(tmp_path, fashion_dir_1400):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    parameters = {**RESUME_PARAMETERS, "epochs": 40, "data_dir": fashion_dir_1400}
+    parameters = {**RESUME_PARAMETERS, "epochs": 20, "data_dir": fashion_dir_1400}
     process = subprocess.Popen(train_command(parameters), cwd=tmp_path, env=environment(uri),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     epoch, run_id = wait_for_checkpoint(process, str(tmp_path / "checkpoints"), 1)
-    # while it trains, no second process may take the same run
-    second = subprocess.run(train_command({"run_id": run_id}), cwd=tmp_path, env=environment(uri),
-                            capture_output=True, text=True, timeout=300)
-    assert second.returncode == 2 and "is being trained by another process" in second.stderr
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
@@ -288,19 +217,26 @@ def test_sigterm_ends_the_run_killed_and_the_package_command_line_resumes_it(tmp
     done = checkpoint.load_state(str(tmp_path / "checkpoints"), run_id).epoch
     assert [step for step, _ in histories(uri, run_id)["train_loss"]] == list(range(1, done + 1))
 
+    # while a process holds the run (here: this test), no other may resume it
+    with checkpoint.RunLock(str(tmp_path / "checkpoints"), run_id):
+        second = subprocess.run(train_command({"run_id": run_id}), cwd=tmp_path, env=environment(uri),
+                                capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2 and "is being trained by another process" in second.stderr
+    assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"  # left as it was
+
     resumed = subprocess.run(train_command({"run_id": run_id}), cwd=tmp_path, env=environment(uri),
                              capture_output=True, text=True, timeout=600)  # the run's own parameters
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming after epoch {done} of 40" in resumed.stdout
+    assert f"resuming after epoch {done} of 20" in resumed.stdout
     run = MlflowClient(uri).get_run(run_id)
     assert run.info.status == "FINISHED"
     history = histories(uri, run_id)
     for key in EPOCH_METRICS:
-        assert [step for step, _ in history[key]] == list(range(1, 41)), key
+        assert [step for step, _ in history[key]] == list(range(1, 21)), key
     schedule = functools.partial(schedules.noise_matched, learning_rate=0.05, batch_size=16, lr_decay=0.7,
                                  max_batch_size=64)
     assert history["updates"][-1][1] == sum(schedules.steps_per_epoch(1360, schedule(e).batch_size)
-                                            for e in range(1, 41))
+                                            for e in range(1, 21))
 
 
 @pytest.mark.e2e

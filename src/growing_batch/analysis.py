@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from growing_batch.metrics import EPOCH_METRICS
+from growing_batch.metrics import EPOCH_METRICS, NOISE_METRICS
 
 # Schedules that decay the learning rate at a fixed batch: the baseline of the summary's ratios.
 BASELINE_SCHEDULES = ("lr-decay", "step-lr")
@@ -81,7 +81,7 @@ def load_runs(
         row.update({f"param_{key[len('resolved.'):]}": value for key, value in params.items() if key.startswith("resolved.")})
         run_rows.append(row)
         by_epoch: dict[int, dict] = {}
-        for name in EPOCH_METRICS:
+        for name in (*EPOCH_METRICS, *NOISE_METRICS):
             for metric in client.get_metric_history(run.info.run_id, name):
                 entry = by_epoch.setdefault(metric.step, {"wall_seconds": 0.0})
                 entry[name] = metric.value

@@ -19,7 +19,9 @@ and prints:
 4. ``epoch_seconds`` and ``achieved_flops`` per batch size, against ``peak_flops``: the machine's
    matrix-multiply peak, measured here for float32 and bfloat16; and ``loop_variants``: the loop's
    speed-up at B = 1,024 with XLA (``jit_compile``) and with ``mixed_bfloat16``.
-5. ``quick_comparison``: the main job's comparison (lr-decay against noise-matched on Fashion-MNIST,
+5. ``noise_scale_cost``: the seconds of one gradient-noise-scale measurement (``measure_noise_scale``)
+   against an epoch at B = 128 (target: under 5 %).
+6. ``quick_comparison``: the main job's comparison (lr-decay against noise-matched on Fashion-MNIST,
    or synthetic images of its shape where it cannot be read) — wall-clock seconds per schedule and the seconds each took to reach
    the LR-decay run's final test accuracy.
 
@@ -228,6 +230,25 @@ def logging_fraction(splits, epochs: int) -> dict:
             "logging_fraction": callback.logging_seconds / epoch_seconds}
 
 
+def noise_scale_cost(splits, repetitions: int, batch_size: int = 128) -> dict:
+    """Seconds of one gradient-noise-scale measurement against an epoch (training pass and test
+    evaluation) of the loop at ``batch_size``: the cost of ``measure_noise_scale``, medians."""
+    from growing_batch import loop
+
+    timer = _EpochTimer(splits, batch_size, "loop")
+    meter = loop.NoiseScaleMeter(timer.model, timer.batches)
+    meter.measure(0)  # trace
+    epochs, probes = [], []
+    for repetition in range(repetitions):
+        epochs.append(timer.epoch())
+        started = time.perf_counter()
+        meter.measure(repetition + 1)
+        probes.append(time.perf_counter() - started)
+    epoch, probe = statistics.median(epochs), statistics.median(probes)
+    return {"batch_size": batch_size, "probe_examples": meter.examples, "probe_seconds": probe,
+            "epoch_seconds": epoch, "fraction": probe / epoch}
+
+
 def quick_comparison(settings: dict) -> dict:
     """lr-decay against noise-matched (the main job), wall-clock and time to lr-decay's final accuracy."""
     import functools
@@ -293,6 +314,7 @@ def run(quick: bool) -> dict:
     results["loop_variants"] = loop_variants(splits, 1024, settings["repetitions"])
     results.update(count_traces(settings["growth_epochs"]))
     results.update(logging_fraction(splits, settings["logging_epochs"]))
+    results["noise_scale_cost"] = noise_scale_cost(splits, settings["repetitions"])
     results["quick_comparison"] = quick_comparison(settings)
     return results
 
@@ -316,6 +338,9 @@ def format_results(results: dict) -> str:
     lines.append(f"train-step traces over {results['distinct_batch_sizes']} distinct batch sizes: {results['train_step_traces']}")
     lines.append(f"MLflow logging: {results['logging_seconds_per_epoch'] * 1000:.1f} ms per epoch, "
                  f"{100 * results['logging_fraction']:.2f} % of the epoch")
+    cost = results["noise_scale_cost"]
+    lines.append(f"gradient noise scale measurement ({cost['probe_examples']:,} examples): {cost['probe_seconds']:.3f} s "
+                 f"per epoch, {100 * cost['fraction']:.1f} % of an epoch at B={cost['batch_size']}")
     comparison = results["quick_comparison"]
     for name in ("lr-decay", "noise-matched"):
         result = comparison[name]

@@ -26,7 +26,7 @@ MODELS = ("small-cnn", "wrn-16-4")
 BATCH_NORM_MODELS = ("wrn-16-4",)
 OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("float32", "mixed_bfloat16")
-BATCH_GROWING_SCHEDULES = ("batch-growth", "step-batch", "step-hybrid", "noise-matched")
+BATCH_GROWING_SCHEDULES = ("batch-growth", "step-batch", "step-hybrid", "noise-matched", "adaptive")
 MILESTONE_SCHEDULES = ("step-lr", "step-batch", "step-hybrid")
 
 
@@ -55,11 +55,16 @@ class Config:
     max_batch_size: int = _field(
         0, "batch-size cap of the growing schedules; 0 means N/10 (N: training examples)"
     )
+    min_batch_size: int = _field(0, "adaptive: the smallest batch size; 0 means batch_size")
+    max_batch_growth: float = _field(2.0, "adaptive: the most the batch size may grow (or shrink) in one epoch (>= 1)")
     milestones: tuple[int, ...] = _field(
         (60, 120, 160),
         "epochs after which the step schedules change, comma-separated and increasing",
     )
     step_factor: float = _field(5.0, "factor of the step schedules at each milestone (>= 1)")
+    measure_noise_scale: bool = _field(
+        False, "estimate the gradient noise scale B_simple every epoch (on for the adaptive schedule)"
+    )
     optimizer: str = _field("sgd", f"optimizer: {', '.join(OPTIMIZERS)}")
     weight_decay: float = _field(
         0.0, "SGD-style weight decay λ on kernels, as the L2 penalty (λ/2)·||w||² (>= 0)"
@@ -234,6 +239,19 @@ def validate(config: Config) -> Config:
         f"at least one milestone for schedule {config.schedule}",
     )
     _require(config.step_factor >= 1, "step_factor", config.step_factor, "a number >= 1")
+    _require(
+        0 <= config.min_batch_size <= config.batch_size,
+        "min_batch_size",
+        config.min_batch_size,
+        f"0 (batch_size) or a whole number from 1 to batch_size ({config.batch_size})",
+    )
+    _require(config.max_batch_growth >= 1, "max_batch_growth", config.max_batch_growth, "a number >= 1")
+    _require(
+        config.schedule != "adaptive" or config.measure_noise_scale,
+        "measure_noise_scale",
+        config.measure_noise_scale,
+        "true for schedule adaptive, which follows the measurement",
+    )
     _require(0 <= config.momentum < 1, "momentum", config.momentum, "a number in [0, 1)")
     _require(
         not config.nesterov or (config.optimizer == "sgd" and config.momentum > 0),
@@ -410,4 +428,6 @@ def from_strings(values: dict[str, str]) -> Config:
     if preset in PRESETS:  # an unknown name is rejected by validate below
         resolved.update(preset_overrides(preset))
     resolved.update(given)
+    if resolved.get("schedule") == "adaptive":
+        resolved.setdefault("measure_noise_scale", True)  # what the adaptive schedule follows
     return validate(Config(**resolved))

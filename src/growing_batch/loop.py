@@ -72,6 +72,11 @@ class ScheduleCallback(keras.callbacks.Callback):
             "noise_scale": step.noise_scale(self.batches.size),
         }
 
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        # A schedule that follows a measurement (adaptive) records it, for the next epoch's step.
+        if hasattr(self.schedule, "observe"):
+            self.schedule.observe(epoch + 1, logs or {})
+
 
 class EpochProgbarLogger(keras.callbacks.ProgbarLogger):
     """Keras' progress bar, reading the number of steps anew each epoch (it changes with B)."""
@@ -341,6 +346,91 @@ class TrainStep:
         return self.apply()
 
 
+class GradientNoiseProbe:
+    """Squared gradient norms at two batch sizes, for the gradient noise scale (:mod:`growing_batch.noise`).
+
+    A probe takes a batch of B_big examples, cuts it into micro-batches of ``small_batch_size`` and
+    computes each one's gradient of the mean loss (as the train step does, in training mode): the
+    mean of their squared norms is |G_small|², the squared norm of their mean |G_big|². It changes no
+    weight; batch-norm statistics are put back as they were. ``loss`` maps (labels, outputs) to
+    per-example losses; ``inputs`` may be any tensor the model takes (the tests use linear regression).
+    """
+
+    def __init__(self, model: keras.Model, loss, small_batch_size: int):
+        self.model = model
+        self.loss = loss
+        self.small_batch_size = int(small_batch_size)
+        self.function = tf.function(self._measure, reduce_retracing=True)
+
+    def _measure(self, inputs, targets):
+        variables = self.model.trainable_variables
+        kept = [tf.identity(variable) for variable in self.model.non_trainable_variables]
+        count = tf.shape(targets)[0] // self.small_batch_size
+        total = [tf.zeros(variable.shape, tf.float32) for variable in variables]
+        squared_norms = tf.constant(0.0, tf.float64)
+        for index in tf.range(count):
+            start = index * self.small_batch_size
+            part = slice(start, start + self.small_batch_size)
+            with tf.GradientTape() as tape:
+                outputs = self.model(inputs[part], training=True)
+                mean_loss = tf.reduce_mean(tf.cast(self.loss(targets[part], outputs), tf.float32))
+            gradients = [tf.cast(gradient, tf.float32) for gradient in tape.gradient(mean_loss, variables)]
+            squared_norms += tf.cast(tf.add_n([tf.reduce_sum(tf.square(g)) for g in gradients]), tf.float64)
+            total = [t + g for t, g in zip(total, gradients)]
+        for variable, value in zip(self.model.non_trainable_variables, kept):
+            variable.assign(value)
+        count_float = tf.cast(count, tf.float64)
+        big = tf.add_n([tf.reduce_sum(tf.square(t)) for t in total])
+        return squared_norms / count_float, tf.cast(big, tf.float64) / count_float**2
+
+    def __call__(self, inputs, targets) -> tuple[float, float, int, int]:
+        """(|G_small|², |G_big|², B_small, B_big) from the whole micro-batches of this batch."""
+        count = int(targets.shape[0]) // self.small_batch_size
+        if count < 2:
+            raise ValueError(
+                f"a probe needs at least 2 micro-batches of {self.small_batch_size}; received {int(targets.shape[0])} examples."
+            )
+        small, big = self.function(inputs, targets)
+        return float(small), float(big), self.small_batch_size, count * self.small_batch_size
+
+
+def _per_example_crossentropy(labels, logits):
+    return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+
+class NoiseScaleMeter:
+    """Measures the gradient noise scale once per epoch on random training examples (see
+    :mod:`growing_batch.noise` for the sizes and the smoothing) and reports it with its cost."""
+
+    def __init__(self, model: keras.Model, batches: EpochBatches):
+        from growing_batch import noise
+
+        self.batches = batches
+        examples = min(noise.PROBE_EXAMPLES, batches.size)
+        self.small_batch_size = min(noise.PROBE_SMALL_BATCH_SIZE, max(1, examples // 2))
+        self.examples = examples // self.small_batch_size * self.small_batch_size
+        self.probe = GradientNoiseProbe(model, _per_example_crossentropy, self.small_batch_size)
+        self.estimator = noise.NoiseScaleEstimator()
+
+    def measure(self, epoch: int) -> dict[str, float]:
+        started = time.perf_counter()
+        order = np.random.default_rng([self.batches.seed, epoch, 7]).permutation(self.batches.size)
+        indices = order[: self.examples].astype(np.int32)
+        # the same augmentation as a training batch would get; seed kept apart from the epoch's batches
+        seed = np.array([self.batches.seed, -(epoch + 1)], np.int64)
+        images, labels = data.gather_batch(self.batches.images, self.batches.labels, indices, seed, self.batches.augment)
+        small, big, small_size, big_size = self.probe(images, labels)
+        result = self.estimator.update(small, big, small_size, big_size)
+        result["gradient_noise_scale_seconds"] = time.perf_counter() - started
+        return result
+
+    def replay(self, rows: list[dict]) -> None:
+        """Feed the estimates a resumed run logged before, so the moving averages continue."""
+        for row in rows:
+            if "gradient_norm_squared" in row and "gradient_variance_trace" in row:
+                self.estimator.add(row["gradient_norm_squared"], row["gradient_variance_trace"])
+
+
 class Evaluator:
     """Mean loss and accuracy of the model over :class:`~growing_batch.data.EvaluationBatches`.
 
@@ -399,6 +489,8 @@ def fit(
     initial_examples_seen: int = 0,
     interruption: Interruption | None = None,
     strategy: tf.distribute.Strategy | None = None,
+    measure_noise_scale: bool = False,
+    previous_rows: Iterable[dict] = (),
 ) -> keras.callbacks.History:
     """Train ``model`` (compiled with an optimizer and a loss) up to epoch ``epochs``.
 
@@ -417,6 +509,12 @@ def fit(
     Divergence: an epoch whose training loss is NaN or infinite ends training at once — its
     training metrics and schedule go to ``on_epoch_end`` (no evaluation of the broken weights) and
     the returned history's ``diverged_epoch`` is that epoch (counted from 1), else None.
+
+    Gradient noise scale: with ``measure_noise_scale``, each epoch's logs add ``gradient_noise_scale``
+    (B_simple, smoothed), the epoch's raw ``gradient_norm_squared`` and ``gradient_variance_trace``
+    estimates and ``gradient_noise_scale_seconds`` (the cost), measured after the training pass
+    (:class:`NoiseScaleMeter`). ``previous_rows``: a resumed run's earlier epochs, to continue the
+    smoothing and the schedule's measurements.
 
     Several devices: with a ``strategy`` of several replicas (the model and optimizer built in its
     scope), each batch is split over the replicas (see :mod:`growing_batch.distribute`).
@@ -461,6 +559,11 @@ def fit(
     model.train_step_function = train_step  # for inspection (trace count) by tests and benchmarks
     model.evaluator_function = evaluator
     model.stop_training = False
+    meter = NoiseScaleMeter(model, batches) if measure_noise_scale else None
+    for row in previous_rows:
+        if meter is not None:
+            meter.replay([row])
+        schedule_callback.on_epoch_end(int(row["epoch"]) - 1, row)
     updates, examples_seen = initial_updates, initial_examples_seen
     epoch_logs: dict = {}
     diverged_epoch = None
@@ -487,6 +590,8 @@ def fit(
         }
         if not math.isfinite(epoch_logs["train_loss"]):
             diverged_epoch = epoch + 1
+        if meter is not None and diverged_epoch is None:
+            epoch_logs.update(meter.measure(epoch + 1))
         for prefix, dataset in (evaluation or {}).items() if diverged_epoch is None else ():
             epoch_logs[f"{prefix}_loss"], epoch_logs[f"{prefix}_accuracy"] = evaluator(dataset)
         epoch_logs.update(schedule_callback.applied)

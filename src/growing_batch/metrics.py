@@ -19,3 +19,11 @@ EPOCH_METRICS = (
     "epoch_seconds",  # the epoch's training pass
     "examples_per_second",
 )
+
+# With measure_noise_scale (and the adaptive schedule), also at step = epoch:
+NOISE_METRICS = (
+    "gradient_noise_scale",  # B_simple = tr(Σ)/|G|², smoothed (growing_batch.noise)
+    "gradient_norm_squared",  # this epoch's estimate of |G|²
+    "gradient_variance_trace",  # this epoch's estimate of tr(Σ)
+    "gradient_noise_scale_seconds",  # what the measurement cost
+)

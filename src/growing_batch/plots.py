@@ -111,9 +111,51 @@ def curves_figure(history, y: str, xs=("epoch", "updates"), title: str = ""):
     return figure
 
 
+def measured_runs(history):
+    """The rows of the runs that measured the gradient noise scale (measure_noise_scale)."""
+    if "gradient_noise_scale" not in history:
+        return history.iloc[0:0]
+    measured = set(history.dropna(subset=["gradient_noise_scale"])["run_id"])
+    return history[history["run_id"].isin(measured)]
+
+
+def noise_scale_figure(history, title: str = "measured gradient noise scale and the batch size used"):
+    """Per schedule: the measured gradient noise scale B_simple and the batch size B against epochs,
+    and B_simple against B (on the diagonal, the batch equals the noise scale). Draws the runs that
+    measured it; says so when none did."""
+    measured = measured_runs(history)
+    figure, axes = _subplots(1, 2, (13, 4.2))
+    if measured.empty:
+        for axis in axes:
+            axis.text(0.5, 0.5, "no run measured the gradient noise scale\n(measure_noise_scale=true)",
+                      ha="center", va="center", transform=axis.transAxes)
+    for member, x, mean, std, runs in _member_curves(measured, "epoch", "gradient_noise_scale"):
+        line = axes[0].plot(x, mean, linestyle="--", label=f"{member}: measured B_simple")[0]
+        _, _, batch, _, _ = next(_member_curves(measured[measured["member"] == member], "epoch", "batch_size"))
+        axes[0].plot(batch.index, batch, drawstyle="steps-post", color=line.get_color(), label=f"{member}: batch size")
+        axes[1].scatter(batch.reindex(mean.index), mean, color=line.get_color(), label=member, s=14)
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("examples")
+    axes[1].set_xlabel("batch size B used that epoch")
+    axes[1].set_ylabel("measured B_simple at its end")
+    if not measured.empty:
+        low, high = axes[1].get_xlim()
+        axes[1].plot([low, high], [low, high], color="grey", linewidth=0.8, label="B = B_simple")
+        for axis in axes:
+            axis.set_yscale("log")
+            axis.legend(fontsize="small")
+        axes[1].set_xscale("log")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    _annotate(figure, measured)
+    return figure
+
+
 def comparison_figures(history) -> dict:
-    """The paper's figures for a set of runs, by file name."""
-    return {
+    """The paper's figures for a set of runs, by file name (and the noise-scale figure when every run
+    measured it)."""
+    figures = {
         "schedules.png": schedules_comparison_figure(history),
         "train_loss.png": curves_figure(history, "train_loss", title="training loss (paper Fig. 2)"),
         "test_accuracy.png": curves_figure(history, "test_accuracy", title="test accuracy (paper Figs. 3–5)"),
@@ -121,3 +163,6 @@ def comparison_figures(history) -> dict:
             history, "test_accuracy", xs=("wall_seconds",), title="test accuracy against wall-clock time"
         ),
     }
+    if len(history) and set(measured_runs(history)["run_id"]) == set(history["run_id"]):
+        figures["gradient_noise_scale.png"] = noise_scale_figure(history)
+    return figures

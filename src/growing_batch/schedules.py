@@ -202,6 +202,57 @@ def noise_matched(
     return Step(target * size, size, momentum)
 
 
+def adaptive(
+    epoch: int,
+    *,
+    learning_rate: float,
+    batch_size: int,
+    min_batch_size: int,
+    max_batch_size: int,
+    max_batch_growth: float,
+    measured: Sequence[float] = (),
+    momentum: float = 0.0,
+) -> Step:
+    """The batch size follows the measured gradient noise scale B_simple; the paper's rule at the cap.
+
+    ``measured[e − 1]`` is the noise scale measured at the end of epoch e (NaN: none). An *effective*
+    batch size V starts at ``batch_size`` and, after each epoch with a measurement, moves towards it,
+    by at most a factor ``max_batch_growth`` up or down, never below ``min_batch_size``. The batch is
+    B = floor(V) up to ``max_batch_size``; beyond it B stays at the cap and ε = ε0 · B / V, so ε/B —
+    the noise scale εN/(B(1 − m)) — is that of the batch V (the paper's rule, driven by a measurement
+    instead of a table). Epoch 1 uses ``batch_size`` and ε0.
+    """
+    _check_epoch(epoch)
+    if len(measured) < epoch - 1:
+        raise ValueError(f"epoch {epoch} needs the measurements of epochs 1..{epoch - 1}; received {len(measured)}.")
+    effective = float(batch_size)
+    for value in measured[: epoch - 1]:
+        if math.isfinite(value) and value > 0:
+            effective = min(max(value, effective / max_batch_growth), effective * max_batch_growth)
+            effective = max(effective, float(min_batch_size))
+    size = min(_floor(effective), max_batch_size)
+    return Step(learning_rate * size / effective, size, momentum)
+
+
+class AdaptiveSchedule:
+    """:func:`adaptive` over the measurements seen so far: ``observe`` records each epoch's
+    ``gradient_noise_scale`` (the schedule callback calls it at the end of every epoch)."""
+
+    def __init__(self, **arguments):
+        self.arguments = arguments
+        self.measured: list[float] = []
+
+    def observe(self, epoch: int, logs: dict) -> None:
+        del self.measured[epoch - 1:]  # a retrained epoch replaces its measurement
+        self.measured += [math.nan] * (epoch - 1 - len(self.measured))
+        self.measured.append(float(logs.get("gradient_noise_scale", math.nan)))
+
+    def __call__(self, epoch: int) -> Step:
+        measured = self.measured[: epoch - 1]
+        measured += [math.nan] * (epoch - 1 - len(measured))
+        return adaptive(epoch, measured=measured, **self.arguments)
+
+
 SCHEDULES: dict[str, Callable[..., Step]] = {
     "constant": constant,
     "lr-decay": lr_decay,
@@ -210,6 +261,7 @@ SCHEDULES: dict[str, Callable[..., Step]] = {
     "step-batch": step_batch,
     "step-hybrid": step_hybrid,
     "noise-matched": noise_matched,
+    "adaptive": adaptive,
 }
 
 # The config fields each schedule reads, besides learning_rate, batch_size and momentum.
@@ -221,6 +273,7 @@ SCHEDULE_FIELDS: dict[str, tuple[str, ...]] = {
     "step-batch": ("milestones", "step_factor", "max_batch_size"),
     "step-hybrid": ("milestones", "step_factor", "max_batch_size"),
     "noise-matched": ("lr_decay", "max_batch_size"),
+    "adaptive": ("min_batch_size", "max_batch_size", "max_batch_growth"),
 }
 
 
@@ -242,8 +295,12 @@ def build_schedule(config, train_size: int) -> Schedule:
     for name in SCHEDULE_FIELDS[config.schedule]:
         if name == "max_batch_size":
             arguments[name] = resolve_max_batch_size(config.max_batch_size, train_size)
+        elif name == "min_batch_size":
+            arguments[name] = config.min_batch_size or config.batch_size
         else:
             arguments[name] = getattr(config, name)
+    if config.schedule == "adaptive":
+        return AdaptiveSchedule(**arguments)
     return functools.partial(SCHEDULES[config.schedule], **arguments)
 
 

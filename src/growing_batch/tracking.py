@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient
 
 from growing_batch import plots
 from growing_batch.config import Config, format_value
-from growing_batch.metrics import EPOCH_METRICS
+from growing_batch.metrics import EPOCH_METRICS, NOISE_METRICS
 
 # Seconds between system-metric samples, unless MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise.
 SYSTEM_METRICS_INTERVAL_SECONDS = 5
@@ -170,7 +170,7 @@ def log_data(splits, resolved_max_batch_size: int) -> None:
 
 def history_csv(rows: list[dict]) -> str:
     """The per-epoch history as CSV, one row per epoch, columns in a stable order."""
-    columns = ["epoch"] + [name for name in EPOCH_METRICS if any(name in row for row in rows)]
+    columns = ["epoch"] + [name for name in (*EPOCH_METRICS, *NOISE_METRICS) if any(name in row for row in rows)]
     columns += sorted({key for row in rows for key in row} - set(columns))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")

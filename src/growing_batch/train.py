@@ -223,10 +223,9 @@ def train(config: Config, extra_callbacks: Sequence = (), verbose: int = 1, give
             stack.enter_context(_lock(config, run_id))
         resume_state = plan_resume(config, run_id)
 
-        import keras
         import mlflow
 
-        from growing_batch import models, tracking
+        from growing_batch import tracking
 
         model, batches, evaluation = _build(config, strategy, splits)
 
@@ -335,7 +334,8 @@ def _train_as_worker(config: Config, strategy, splits, schedule, run_id: str | N
             loop.fit(model, batches, loop.ScheduleCallback(schedule, batches), epochs=config.epochs, verbose=0,
                      max_device_batch_size=config.max_device_batch_size, initial_epoch=state.epoch,
                      initial_updates=state.updates, initial_examples_seen=state.examples_seen,
-                     interruption=interruption, strategy=strategy)
+                     interruption=interruption, strategy=strategy,
+                     measure_noise_scale=config.measure_noise_scale, previous_rows=state.rows)
         except loop.TrainingInterrupted as stop:
             return 128 + getattr(signal, stop.signal_name).value
     return 0
@@ -343,11 +343,10 @@ def _train_as_worker(config: Config, strategy, splits, schedule, run_id: str | N
 
 def _train_in_run(config, run_id, resume_state, model, batches, schedule, evaluation, splits, max_batch_size,
                   extra_callbacks, verbose, strategy) -> int:
-    import math
 
     import mlflow
 
-    from growing_batch import data, loop, tracking
+    from growing_batch import loop, tracking
 
     title = tracking.run_name(config)
     if resume_state is None:
@@ -422,6 +421,8 @@ def _fit_and_finish(config, run_id, model, batches, schedule, evaluation, splits
                 initial_examples_seen=state.examples_seen,
                 interruption=interruption,
                 strategy=strategy,
+                measure_noise_scale=config.measure_noise_scale,
+                previous_rows=state.rows,
             )
     except loop.TrainingInterrupted as stop:
         tracker.wait()
