@@ -216,7 +216,7 @@ def train(config: Config, extra_callbacks: Sequence = (), verbose: int = 1, give
     max_batch_size = schedules.resolve_max_batch_size(config.max_batch_size, train_size)
     schedule = schedules.build_schedule(config, train_size)
     if not distribute.is_chief():
-        return _train_as_worker(config, strategy, splits, schedule, run_id, verbose)
+        return _train_as_worker(config, strategy, splits, schedule, run_id)
 
     with contextlib.ExitStack() as stack:
         if run_id:  # an existing run: no other process may train it meanwhile
@@ -238,6 +238,10 @@ def train(config: Config, extra_callbacks: Sequence = (), verbose: int = 1, give
                                  max_batch_size, extra_callbacks, verbose, strategy)
         except StoreLost:
             _leave_run_to_resume()
+            raise
+        except KeyboardInterrupt:  # a second Ctrl-C: quit at once, the last checkpoint stays
+            if mlflow.active_run():
+                mlflow.end_run("KILLED")
             raise
         except BaseException:
             if mlflow.active_run():
@@ -317,7 +321,7 @@ def _build(config: Config, strategy, splits):
     return model, batches, evaluation
 
 
-def _train_as_worker(config: Config, strategy, splits, schedule, run_id: str | None, verbose: int) -> int:
+def _train_as_worker(config: Config, strategy, splits, schedule, run_id: str | None) -> int:
     """A multi-worker cluster's non-chief task: the same steps as the chief, nothing logged or saved.
 
     It continues from the run's checkpoint when ``MLFLOW_RUN_ID`` names one it can read (a folder
@@ -343,7 +347,6 @@ def _train_as_worker(config: Config, strategy, splits, schedule, run_id: str | N
 
 def _train_in_run(config, run_id, resume_state, model, batches, schedule, evaluation, splits, max_batch_size,
                   extra_callbacks, verbose, strategy) -> int:
-
     import mlflow
 
     from growing_batch import loop, tracking
