@@ -521,7 +521,8 @@ def fit(
 
     Interruption: when ``interruption.requested`` turns true (a signal arrived), training stops
     after the current batch, that unfinished epoch is dropped (no ``on_epoch_end``, no
-    ``on_train_end``) and :class:`TrainingInterrupted` is raised.
+    ``on_train_end``) and :class:`TrainingInterrupted` is raised. A signal during the last epoch's
+    evaluation or logging lets training end normally.
     """
     if schedule_callback.batches is not batches:
         raise ValueError("schedule_callback must drive the same EpochBatches that fit trains on.")
@@ -560,9 +561,10 @@ def fit(
     model.evaluator_function = evaluator
     model.stop_training = False
     meter = NoiseScaleMeter(model, batches) if measure_noise_scale else None
-    for row in previous_rows:
-        if meter is not None:
-            meter.replay([row])
+    previous_rows = list(previous_rows)
+    if meter is not None:
+        meter.replay(previous_rows)
+    for row in previous_rows:  # a schedule that follows measurements (adaptive) records them again
         schedule_callback.on_epoch_end(int(row["epoch"]) - 1, row)
     updates, examples_seen = initial_updates, initial_examples_seen
     epoch_logs: dict = {}
@@ -606,8 +608,8 @@ def fit(
         callback_list.on_epoch_end(epoch, epoch_logs)
         if diverged_epoch is not None or model.stop_training:
             break
-        if interruption is not None and interruption.requested:
-            raise TrainingInterrupted(interruption.requested, epoch + 2)
+        if interruption is not None and interruption.requested and epoch + 1 < epochs:
+            raise TrainingInterrupted(interruption.requested, epoch + 2)  # after the last epoch: finish
     callback_list.on_train_end(epoch_logs)
     model.history.diverged_epoch = diverged_epoch
     return model.history
