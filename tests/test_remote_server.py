@@ -98,7 +98,7 @@ def test_an_unreachable_server_fails_before_training(tmp_path, fashion_dir):
 
 def test_a_server_that_goes_away_mid_run_leaves_a_checkpoint_to_resume_from(tmp_path, fashion_dir_1400, server):
     uri, port, server_process = server
-    parameters = {"epochs": 6, "data_dir": fashion_dir_1400, "validation_size": 40, "batch_size": 32,
+    parameters = {"epochs": 10, "data_dir": fashion_dir_1400, "validation_size": 40, "batch_size": 32,
                   "learning_rate": 0.05}
     process = subprocess.Popen(train_command(parameters), cwd=tmp_path, env=environment(uri, **QUICK_FAILURE),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -109,7 +109,7 @@ def test_a_server_that_goes_away_mid_run_leaves_a_checkpoint_to_resume_from(tmp_
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "tracking store" in errors[0] and f"--run_id {run_id}" in errors[0], stderr[-3000:]
     state = checkpoint.load_state(str(tmp_path / "checkpoints"), run_id)
-    assert state.epoch == 6  # training went on without the server; every epoch is in the checkpoint
+    assert state.epoch == 10  # training went on without the server; every epoch is in the checkpoint
 
     restarted = start_server(tmp_path, port)
     try:
@@ -119,6 +119,6 @@ def test_a_server_that_goes_away_mid_run_leaves_a_checkpoint_to_resume_from(tmp_
         run = MlflowClient(uri).get_run(run_id)
         assert run.info.status == "FINISHED"
         for key, points in histories(uri, run_id).items():
-            assert [step for step, _ in points] == list(range(1, 7)), key
+            assert [step for step, _ in points] == list(range(1, 11)), key
     finally:
         stop_server(restarted)
