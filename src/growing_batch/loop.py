@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from growing_batch import checkpoint, data
 from growing_batch.data import EpochBatches
+from growing_batch.metrics import epoch_numbers
 from growing_batch.schedules import Schedule
 
 SCHEDULE_METRICS = ("learning_rate", "batch_size", "momentum", "noise_scale")
@@ -679,8 +680,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.state = state
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
-        numbers = {key: float(value) for key, value in (logs or {}).items()
-                   if isinstance(value, (int, float, np.number)) and not isinstance(value, bool)}
+        numbers = epoch_numbers(logs)
         if not math.isfinite(numbers.get("train_loss", math.nan)):
             return
         self.state.epoch = epoch + 1

@@ -3,6 +3,8 @@
 Every one is logged at ``step = epoch`` (epochs counted from 1). No TensorFlow.
 """
 
+import numpy as np
+
 EPOCH_METRICS = (
     "train_loss",
     "train_accuracy",
@@ -27,3 +29,12 @@ NOISE_METRICS = (
     "gradient_variance_trace",  # this epoch's estimate of tr(Σ)
     "gradient_noise_scale_seconds",  # what the measurement cost
 )
+
+
+def epoch_numbers(logs) -> dict[str, float]:
+    """The numbers of an epoch's logs, as floats: what is logged as metrics and checkpointed."""
+    return {
+        key: float(value)
+        for key, value in (logs or {}).items()
+        if isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+    }

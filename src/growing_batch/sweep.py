@@ -269,7 +269,7 @@ def sweep(experiment: str, seeds: int, workers: int, overrides: dict[str, str], 
     to_run: list[tuple[Child, str | None]] = []
     statuses = []
     for child in children:
-        runs = [run for run in previous.get(child.key, []) if run.data.tags.get("sweep_superseded") != "true"]
+        runs = _current(previous.get(child.key, []))
         if any(run.info.status == "FINISHED" for run in runs):
             _say(f"skip   {child.key:<32} (FINISHED)")
             continue
@@ -306,13 +306,18 @@ def sweep(experiment: str, seeds: int, workers: int, overrides: dict[str, str], 
     return 0 if all_finished else 1
 
 
+def _current(runs: list) -> list:
+    """A child's runs that no rerun superseded."""
+    return [run for run in runs if run.data.tags.get("sweep_superseded") != "true"]
+
+
 def _parent_outcome(client: MlflowClient, experiment_id: str, parent_id: str, planned: list[Child]) -> str:
     """FINISHED when every planned child has a FINISHED or diverged run, RUNNING while another shard
     still trains one (or has not started it), else FAILED."""
     runs = existing_children(client, experiment_id, parent_id)
     outcome = "FINISHED"
     for child in planned:
-        current = [run for run in runs.get(child.key, []) if run.data.tags.get("sweep_superseded") != "true"]
+        current = _current(runs.get(child.key, []))
         if any(run.info.status == "FINISHED" or run.data.tags.get("diverged") == "true" for run in current):
             continue
         if not current or any(run.info.status == "RUNNING" for run in current):

@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient
 
 from growing_batch import plots
 from growing_batch.config import Config, format_value
-from growing_batch.metrics import EPOCH_METRICS, NOISE_METRICS
+from growing_batch.metrics import EPOCH_METRICS, NOISE_METRICS, epoch_numbers
 
 # Seconds between system-metric samples, unless MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise.
 SYSTEM_METRICS_INTERVAL_SECONDS = 5
@@ -178,15 +178,6 @@ def history_csv(rows: list[dict]) -> str:
     for row in rows:
         writer.writerow(row)
     return buffer.getvalue()
-
-
-def epoch_numbers(logs) -> dict[str, float]:
-    """The numbers of an epoch's logs (what is logged as metrics)."""
-    return {
-        key: float(value)
-        for key, value in (logs or {}).items()
-        if isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-    }
 
 
 def logged_steps(run_id: str) -> dict[str, set[int]]:
