@@ -156,20 +156,34 @@ def test_ensure_available_says_how_to_install_when_it_may_not(monkeypatch, tmp_p
         data.ensure_available("fashion_mnist", install=False)
 
 
-def test_epoch_batches_follow_the_batch_size_and_cover_every_example_once(fashion_dir):
+def test_epoch_batches_are_full_and_the_leftover_carries_into_the_next_epoch(fashion_dir):
+    """The reproduction's next_batch: the last batch of an epoch is its leftover topped up from the next
+    epoch's shuffle; the next epoch starts after the examples it took."""
     splits = data.load("fashion_mnist", fashion_dir, validation_size=40, seed=0)
     batches = data.EpochBatches(splits.train, seed=1)
-    for batch_size, expected_sizes in ((64, [64, 64, 64, 8]), (200, [200]), (7, [7] * 28 + [4])):
-        batches.batch_size = batch_size
-        sizes, labels, pixels = [], [], []
-        for images, batch_labels in batches.dataset(epoch=2):
-            sizes.append(int(images.shape[0]))
-            labels.extend(batch_labels.numpy().tolist())
-            pixels.append(float(images.numpy().max()))
-        assert sizes == expected_sizes
-        assert batches.steps() == len(expected_sizes)
-        assert sorted(labels) == sorted(splits.train.labels.tolist())
-        assert max(pixels) <= 1.0
+    n = batches.size
+    assert n == 200
+    for batch_size, carried, expected_steps, carried_next in ((64, 0, 4, 56), (64, 56, 3, 48), (200, 0, 1, 0),
+                                                               (7, 0, 29, 3), (150, 120, 1, 70)):
+        batches.batch_size, batches.carried = batch_size, carried
+        assert batches.steps() == expected_steps
+        epoch_batches = batches.index_batches(epoch=2)
+        assert [len(indices) for indices in epoch_batches] == [batch_size] * expected_steps
+        taken = np.concatenate(epoch_batches)
+        this_epoch, next_epoch = batches.epoch_order(2), batches.epoch_order(3)
+        assert taken.tolist() == [*this_epoch[carried:], *next_epoch[:carried_next]]  # each example once
+        batches.advance()
+        assert batches.carried == carried_next
+    batches.batch_size = 64
+    sizes, pixels = [], []
+    for images, _ in batches.dataset(epoch=2):
+        sizes.append(int(images.shape[0]))
+        pixels.append(float(images.numpy().max()))
+    assert set(sizes) == {64} and max(pixels) <= 1.0
+    batches.start_after(3, 3 * n + 17)  # a resume: examples_seen = epochs · N + carried
+    assert batches.carried == 17
+    with pytest.raises(ValueError, match="examples_seen=599 after 3 epochs of 200 examples is not possible"):
+        batches.start_after(3, 599)
     first = [b.numpy().tolist() for _, b in batches.dataset(epoch=0)]
     assert first == [b.numpy().tolist() for _, b in batches.dataset(epoch=0)]  # seeded
     assert first != [b.numpy().tolist() for _, b in batches.dataset(epoch=1)]  # reshuffled per epoch

@@ -15,6 +15,7 @@ from growing_batch.metrics import EPOCH_METRICS
 from processes import environment, histories, train_command
 
 GROWING = {"schedule": "batch-growth", "batch_size": 16, "batch_growth": 1.5, "max_batch_size": 100, "epochs": 3,
+           "weight_decay": 5e-3,  # its penalty enters once per update, however the batch is split
            "validation_size": 40, "learning_rate": 0.05, "momentum": 0.9}
 # Metrics that do not depend on the machine's speed.
 DETERMINISTIC = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",

@@ -69,10 +69,15 @@ def test_growing_batch_is_applied_every_epoch_without_retracing(splits):
     expected_sizes = [8, 16, 32, 64, 128]
     assert history.history["batch_size"] == expected_sizes
     assert recorder.batch_sizes == dict(enumerate(expected_sizes))
-    steps = [-(-n // size) for size in expected_sizes]  # 25, 13, 7, 4, 2
+    # every batch full, the leftover topped up from the next epoch: 200/8 = 25, then 13 batches of 16
+    # (8 examples carried), 192/32 = 6, 4 of 64 (56 carried), 2 of 128
+    steps = [25, 13, 6, 4, 2]
     assert history.history["updates"] == list(np.cumsum(steps))
-    assert history.history["examples_seen"] == [n * (epoch + 1) for epoch in range(5)]
-    assert model.train_step_function.traces == 1  # five batch sizes (and partial batches), one trace
+    assert history.history["updates"] == [row["updates"] for row in schedules.table(schedule, 5, n)]
+    assert history.history["examples_seen"] == [200, 408, 600, 856, 1112]  # epochs · N + carried
+    increments = np.diff([0, *history.history["examples_seen"]])
+    assert list(increments) == [size * count for size, count in zip(expected_sizes, steps)]  # each update: B
+    assert model.train_step_function.traces == 1  # five batch sizes, one trace
     assert int(model.optimizer.iterations.numpy()) == sum(steps)
 
 
@@ -185,9 +190,9 @@ def test_augmentation_crops_and_flips_reproducibly():
     first = data.augment(images, seed, padding=2).numpy()
     np.testing.assert_array_equal(first, data.augment(images, seed, padding=2).numpy())
     assert first.shape == (2, 6, 6, 1)
-    # every output is a shifted (and maybe mirrored) window of the zero-padded image
+    # every output is a shifted (and maybe mirrored) window of the reflect-padded image (the WRN recipe)
     for index in range(2):
-        padded = np.pad(images[index].numpy(), [(2, 2), (2, 2), (0, 0)])
+        padded = np.pad(images[index].numpy(), [(2, 2), (2, 2), (0, 0)], mode="reflect")
         windows = [padded[top:top + 6, left:left + 6] for top in range(5) for left in range(5)]
         windows += [window[:, ::-1] for window in windows]
         assert any(np.array_equal(first[index], window) for window in windows)

@@ -56,8 +56,28 @@ def test_update_counts_of_the_reproduction():
     lrd = functools.partial(schedules.lr_decay, learning_rate=0.1, batch_size=128, lr_decay=0.9)
     lrd_updates = schedules.table(lrd, 150, REPRODUCTION_N)[-1]["updates"]
     ibs_updates = schedules.table(IBS, 150, REPRODUCTION_N)[-1]["updates"]
-    assert lrd_updates == 150 * 354  # 53,100: "≈53,000"
-    assert ibs_updates == 10_205  # "≈10,200"
+    # every batch full: ceil(150 · 45,235 / 128) — "≈53,000"; ibs "≈10,200"
+    assert lrd_updates == -(-150 * REPRODUCTION_N // 128) == 53_010
+    assert ibs_updates == 10_162
+
+
+def test_every_batch_is_full_and_the_leftover_carries_into_the_next_epoch():
+    assert schedules.epoch_updates(1000, 300) == (4, 200)  # 3 full batches + 100 topped up with 200
+    assert schedules.epoch_updates(1000, 300, carried=200) == (3, 100)  # 800 left: the next carries 100
+    assert schedules.epoch_updates(1000, 250) == (4, 0)
+    assert schedules.epoch_updates(1000, 1000, carried=999) == (1, 999)
+    for bad in (-1, 1000):
+        with pytest.raises(ValueError, match="carried must be in"):
+            schedules.epoch_updates(1000, 10, carried=bad)
+    # examples_seen = epochs · N + carried, and each update adds exactly B
+    rows = schedules.table(IBS, 150, REPRODUCTION_N)
+    carried, previous = 0, {"updates": 0, "examples_seen": 0}
+    for row in rows:
+        updates, carried = schedules.epoch_updates(REPRODUCTION_N, row["batch_size"], carried)
+        assert row["updates"] - previous["updates"] == updates
+        assert row["examples_seen"] - previous["examples_seen"] == updates * row["batch_size"]
+        assert row["examples_seen"] == row["epoch"] * REPRODUCTION_N + carried
+        previous = row
 
 
 def test_batch_growth_rounds_exact_products_down_correctly():
@@ -118,8 +138,9 @@ def test_paper_update_counts_for_50000_images():
         schedule = functools.partial(function, **PAPER, **kwargs)
         return schedules.table(schedule, 200, 50_000)[-1]["updates"]
 
-    assert updates(schedules.step_lr) == 200 * 391  # "≈80,000"
-    assert updates(schedules.step_batch, max_batch_size=50_000) == 60 * 391 + 60 * 79 + 40 * 16 + 40 * 4  # ≈29,000
+    assert updates(schedules.step_lr) == 78_125  # 200 · 50,000 / 128: "≈80,000"
+    assert updates(schedules.step_batch, max_batch_size=50_000) == 28_876  # ≈29,000
+    assert updates(schedules.step_batch, max_batch_size=5_120) == 29_142  # the table's B_max = N/10: ≈29,000
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])

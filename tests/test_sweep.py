@@ -17,10 +17,10 @@ PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_plan_crosses_members_and_seeds_with_the_overrides():
     children = sweep.plan("repro", 2, {"epochs": "3", "dataset": "fashion_mnist", "data_dir": ""})
     assert [child.key for child in children] == [
-        f"{name}/seed={seed}" for name in ("repro-lrd", "repro-ibs", "repro-matched", "repro-hybrid") for seed in (0, 1)
+        f"{name}/seed={seed}" for seed in (0, 1) for name in ("repro-lrd", "repro-ibs", "repro-matched", "repro-hybrid")
     ]
-    assert children[1].values == {"preset": "repro-lrd", "epochs": "3", "dataset": "fashion_mnist", "seed": "1"}
-    assert children[1].argv()[:2] == ["--preset", "repro-lrd"]
+    assert children[4].values == {"preset": "repro-lrd", "epochs": "3", "dataset": "fashion_mnist", "seed": "1"}
+    assert children[4].argv()[:2] == ["--preset", "repro-lrd"]
 
 
 @pytest.mark.parametrize(

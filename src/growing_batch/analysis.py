@@ -94,11 +94,23 @@ def load_runs(
     return runs, history
 
 
+def test_accuracy_at_best_val(own: pd.DataFrame) -> float:
+    """The test accuracy at the epoch of the best validation accuracy (the first such epoch): model
+    selection on the validation split. NaN without a validation split."""
+    if "val_accuracy" not in own or "test_accuracy" not in own:
+        return math.nan
+    scored = own.dropna(subset=["val_accuracy", "test_accuracy"])
+    if scored.empty:
+        return math.nan
+    return float(scored.loc[scored["val_accuracy"].idxmax(), "test_accuracy"])
+
+
 def run_summary(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: final and best test accuracy, updates and wall-clock seconds."""
+    """One row per run: final test accuracy, test accuracy at the best validation epoch, best test
+    accuracy (optimistic: the epoch is picked on the test set), updates and wall-clock seconds."""
     rows = []
     for run in runs.itertuples():
-        own = history[history["run_id"] == run.run_id].sort_values("epoch")
+        own = history[history["run_id"] == run.run_id].sort_values("epoch").reset_index(drop=True)
         accuracy = own["test_accuracy"].dropna() if "test_accuracy" in own else pd.Series(dtype=float)
         rows.append(
             {
@@ -110,6 +122,7 @@ def run_summary(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
                 "seed": run.seed,
                 "epochs": int(own["epoch"].max()) if len(own) else 0,
                 "final_test_accuracy": float(accuracy.iloc[-1]) if len(accuracy) else math.nan,
+                "test_accuracy_at_best_val": test_accuracy_at_best_val(own),
                 "best_test_accuracy": float(accuracy.max()) if len(accuracy) else math.nan,
                 "updates": int(own["updates"].iloc[-1]) if "updates" in own and len(own) else 0,
                 "wall_seconds": float(own["wall_seconds"].iloc[-1]) if len(own) else math.nan,
@@ -122,33 +135,32 @@ def run_summary(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
 def schedule_summary(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
     """One row per member (schedule or preset), over its FINISHED runs (seeds).
 
-    Columns: ``seeds``, final and best test accuracy as ``*_mean`` and ``*_std`` (sample standard
-    deviation; 0 for one seed), mean ``updates`` and ``wall_seconds``, and their ratios to the
+    Columns: ``seeds`` (finished runs), ``diverged`` (runs that diverged), the final test accuracy,
+    the test accuracy at the best validation epoch and the best test accuracy (optimistic: picked on
+    the test set) as ``*_mean`` and ``*_std`` (sample standard deviation; 0 for one seed), mean
+    ``updates`` and ``wall_seconds``, and their ratios to the
     LR-decay baseline (the first member whose schedule is lr-decay or step-lr), ``updates_ratio`` and
     ``time_ratio``; NaN where there is no baseline.
     """
     per_run = run_summary(runs[runs["status"] == "FINISHED"], history) if len(runs) else run_summary(runs, history)
-    columns = ["member", "schedule", "seeds", "final_test_accuracy_mean", "final_test_accuracy_std",
-               "best_test_accuracy_mean", "best_test_accuracy_std", "updates", "wall_seconds",
-               "updates_ratio", "time_ratio"]
+    accuracies = ("final_test_accuracy", "test_accuracy_at_best_val", "best_test_accuracy")
+    columns = ["member", "schedule", "seeds", "diverged",
+               *[f"{name}_{statistic}" for name in accuracies for statistic in ("mean", "std")],
+               "updates", "wall_seconds", "updates_ratio", "time_ratio"]
     if per_run.empty:
         return pd.DataFrame(columns=columns)
     schedules = dict(zip(runs["member"], runs["schedule"]))
+    diverged = (runs[runs["diverged_epoch"].notna()]["member"].value_counts().to_dict()
+                if "diverged_epoch" in runs else {})
     rows = []
     for member, group in per_run.groupby("member", sort=False):
-        rows.append(
-            {
-                "member": member,
-                "schedule": schedules.get(member, ""),
-                "seeds": len(group),
-                "final_test_accuracy_mean": group["final_test_accuracy"].mean(),
-                "final_test_accuracy_std": group["final_test_accuracy"].std(ddof=1) if len(group) > 1 else 0.0,
-                "best_test_accuracy_mean": group["best_test_accuracy"].mean(),
-                "best_test_accuracy_std": group["best_test_accuracy"].std(ddof=1) if len(group) > 1 else 0.0,
-                "updates": group["updates"].mean(),
-                "wall_seconds": group["wall_seconds"].mean(),
-            }
-        )
+        row = {"member": member, "schedule": schedules.get(member, ""), "seeds": len(group),
+               "diverged": int(diverged.get(member, 0))}
+        for name in accuracies:
+            row[f"{name}_mean"] = group[name].mean()
+            row[f"{name}_std"] = group[name].std(ddof=1) if len(group) > 1 else 0.0
+        row.update(updates=group["updates"].mean(), wall_seconds=group["wall_seconds"].mean())
+        rows.append(row)
     table = pd.DataFrame(rows)
     baseline = table[table["schedule"].isin(BASELINE_SCHEDULES)]
     if len(baseline):
@@ -161,28 +173,37 @@ def schedule_summary(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_run_table(per_run: pd.DataFrame) -> str:
-    header = (f"{'run':<46} {'status':<9} {'epochs':>6} {'final acc':>9} {'best acc':>9} {'updates':>8} "
-              f"{'train s':>8} {'wall s':>8}  run id")
+    header = (f"{'run':<46} {'status':<9} {'epochs':>6} {'final acc':>9} {'@best val':>9} {'best acc*':>9} "
+              f"{'updates':>8} {'train s':>8} {'wall s':>8}  run id")
     lines = [header, "-" * len(header)]
     for row in per_run.itertuples():
         lines.append(
             f"{str(row.run_name)[:46]:<46} {row.status:<9} {row.epochs:>6} {row.final_test_accuracy:>9.4f} "
-            f"{row.best_test_accuracy:>9.4f} {row.updates:>8,} {row.train_seconds:>8.1f} {row.wall_seconds:>8.1f}  {row.run_id}"
+            f"{row.test_accuracy_at_best_val:>9.4f} {row.best_test_accuracy:>9.4f} {row.updates:>8,} "
+            f"{row.train_seconds:>8.1f} {row.wall_seconds:>8.1f}  {row.run_id}"
         )
+    lines.append(OPTIMISTIC_NOTE)
     return "\n".join(lines)
 
 
+OPTIMISTIC_NOTE = ("@best val: test accuracy at the epoch of the best validation accuracy; "
+                   "* best test accuracy is optimistic (its epoch is picked on the test set)")
+
+
 def format_schedule_table(summary: pd.DataFrame) -> str:
-    header = (f"{'schedule / preset':<24} {'seeds':>5} {'final test acc':>16} {'best test acc':>16} "
-              f"{'updates':>9} {'wall s':>8} {'updates/base':>12} {'time/base':>9}")
+    header = (f"{'schedule / preset':<24} {'seeds':>5} {'diverged':>8} {'final test acc':>16} "
+              f"{'test acc @best val':>18} {'best test acc*':>16} {'updates':>9} {'wall s':>8} {'updates/base':>12} "
+              f"{'time/base':>9}")
     lines = [header, "-" * len(header)]
     for row in summary.itertuples():
         lines.append(
-            f"{row.member[:24]:<24} {row.seeds:>5} "
+            f"{row.member[:24]:<24} {row.seeds:>5} {row.diverged:>8} "
             f"{row.final_test_accuracy_mean:>8.4f} ± {row.final_test_accuracy_std:<5.4f} "
+            f"{row.test_accuracy_at_best_val_mean:>10.4f} ± {row.test_accuracy_at_best_val_std:<5.4f} "
             f"{row.best_test_accuracy_mean:>8.4f} ± {row.best_test_accuracy_std:<5.4f} "
             f"{row.updates:>9,.0f} {row.wall_seconds:>8.1f} {row.updates_ratio:>12.3f} {row.time_ratio:>9.3f}"
         )
+    lines.append(OPTIMISTIC_NOTE)
     return "\n".join(lines)
 
 

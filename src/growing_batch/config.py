@@ -67,14 +67,14 @@ class Config:
     )
     optimizer: str = _field("sgd", f"optimizer: {', '.join(OPTIMIZERS)}")
     weight_decay: float = _field(
-        0.0, "SGD-style weight decay λ on kernels, as the L2 penalty (λ/2)·||w||² (>= 0)"
+        0.0, "SGD-style weight decay λ on every trainable parameter, as the L2 penalty (λ/2)·||w||² (>= 0)"
     )
     momentum: float = _field(
         0.0, "SGD momentum, or Adam's beta_1 (the paper's Adam: 0.9), in [0, 1)"
     )
     nesterov: bool = _field(False, "Nesterov momentum (sgd with momentum > 0 only)")
     epochs: int = _field(10, "number of epochs (>= 1)")
-    augment: bool = _field(False, "random 4-pixel-padded crops and horizontal flips, seeded")
+    augment: bool = _field(False, "random crops of 4-pixel reflect-padded images and horizontal flips, seeded")
     ghost_batch_size: int = _field(
         0, "batch-norm statistics over virtual batches of this size (wrn-16-4); 0: the whole batch"
     )

@@ -280,7 +280,8 @@ def to_unit_range(images):
     return images
 
 
-# Standard CIFAR augmentation: zero-pad 4 pixels on each side, crop back at a random offset.
+# Standard CIFAR augmentation (Zagoruyko & Komodakis' wide-ResNet recipe): reflect-pad 4 pixels on
+# each side, crop back at a random offset, flip left-right with probability 1/2.
 AUGMENT_PADDING = 4
 
 
@@ -291,9 +292,16 @@ class EpochBatches:
     ``labels``. Each epoch draws a seeded permutation (seed, epoch) and cuts it into batches of
     indices (:meth:`index_batches`); the train step gathers, scales and augments a batch inside its
     own compiled graph (:func:`gather_batch`), so no per-epoch input pipeline is built and no
-    batch crosses into Python. Every example is seen once per epoch; the last batch may be smaller.
+    batch crosses into Python.
 
-    With ``augment``, each image is zero-padded by 4 pixels, cropped back to its size at a random
+    **Every batch holds exactly ``batch_size`` examples**, as in the reproduction's ``next_batch``:
+    the leftover of an epoch's permutation is topped up with the first examples of the next epoch's
+    permutation, that straddling batch belongs to the epoch it started in, and the next epoch starts
+    after the examples it took (``carried``). So an update never sees a short batch with its larger
+    noise, and ``examples_seen`` = epochs · N + ``carried`` (see
+    :func:`growing_batch.schedules.epoch_updates`, which counts the updates).
+
+    With ``augment``, each image is reflect-padded by 4 pixels, cropped back to its size at a random
     offset and flipped left-right with probability 1/2, on the fly; the random draws are stateless
     functions of (seed, epoch, batch index) — :meth:`batch_seed` — so a run is reproducible.
     """
@@ -303,19 +311,45 @@ class EpochBatches:
         self.seed = seed
         self.augment = augment
         self.batch_size = 1
+        self.carried = 0  # examples of the coming epoch's permutation the previous epoch's last batch took
         self.images = device_images(split.images)
         self.labels = device_labels(split.labels)
 
+    def start_after(self, epochs_done: int, examples_seen: int) -> None:
+        """Position the batches after ``epochs_done`` epochs that used ``examples_seen`` examples in all."""
+        carried = examples_seen - epochs_done * self.size
+        if not 0 <= carried < self.size:
+            raise ValueError(
+                f"examples_seen={examples_seen} after {epochs_done} epochs of {self.size} examples is not "
+                f"possible: expected {epochs_done} × {self.size} plus fewer than {self.size} carried examples."
+            )
+        self.carried = carried
+
     def steps(self) -> int:
-        return -(-self.size // self.batch_size)
+        """The updates of the coming epoch at the current batch size."""
+        from growing_batch.schedules import epoch_updates
+
+        return epoch_updates(self.size, self.batch_size, self.carried)[0]
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.size).astype(np.int32)
 
     def index_batches(self, epoch: int) -> list[np.ndarray]:
-        """The epoch's permutation cut into batches of ``batch_size`` indices (the last may be smaller)."""
-        order = self.epoch_order(epoch)
-        return [order[start:start + self.batch_size] for start in range(0, self.size, self.batch_size)]
+        """The epoch's batches of exactly ``batch_size`` indices: its permutation after the ``carried``
+        examples, the last batch topped up from the next epoch's permutation."""
+        from growing_batch.schedules import epoch_updates
+
+        updates, taken = epoch_updates(self.size, self.batch_size, self.carried)
+        order = self.epoch_order(epoch)[self.carried:]
+        if taken:
+            order = np.concatenate([order, self.epoch_order(epoch + 1)[:taken]])
+        return [order[start:start + self.batch_size] for start in range(0, updates * self.batch_size, self.batch_size)]
+
+    def advance(self) -> None:
+        """After an epoch at the current batch size: the next epoch starts after the examples its last batch took."""
+        from growing_batch.schedules import epoch_updates
+
+        self.carried = epoch_updates(self.size, self.batch_size, self.carried)[1]
 
     def batch_seed(self, epoch: int, batch: int) -> np.ndarray:
         """The augmentation seed of one batch: (seed, epoch · 2³² + batch)."""
@@ -349,7 +383,7 @@ def gather_batch(images, labels, indices, seed, augmented: bool, offset=0, total
 
 
 def augment(images, seed, padding: int = AUGMENT_PADDING, offset=0, total=None):
-    """Random ``padding``-pixel-padded crops and horizontal flips of a batch (stateless, seeded).
+    """Random crops of the ``padding``-pixel reflect-padded images and horizontal flips (stateless, seeded).
 
     The draws are made for ``total`` examples (default: this batch) and examples ``offset``… of
     them are used, so a batch augmented in slices equals the batch augmented whole.
@@ -359,7 +393,7 @@ def augment(images, seed, padding: int = AUGMENT_PADDING, offset=0, total=None):
     count = tf.shape(images)[0]
     draws = count if total is None else total
     height, width = images.shape[1], images.shape[2]
-    padded = tf.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
+    padded = tf.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]], mode="REFLECT")
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
 
     def draw(seed, *args, **kwargs):

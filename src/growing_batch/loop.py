@@ -30,8 +30,6 @@ from growing_batch.data import EpochBatches
 from growing_batch.metrics import epoch_numbers
 from growing_batch.schedules import Schedule
 
-SCHEDULE_METRICS = ("learning_rate", "batch_size", "momentum", "noise_scale")
-
 
 def _optimizer_momentum(optimizer) -> float:
     if hasattr(optimizer, "beta_1"):  # Adam's momentum
@@ -42,8 +40,9 @@ def _optimizer_momentum(optimizer) -> float:
 class ScheduleCallback(keras.callbacks.Callback):
     """At the start of each epoch, applies the schedule's (ε, B, m) and records them.
 
-    ``applied`` holds the values in force this epoch, with the noise scale εN/(B(1 − m)); the
-    loop adds them to the epoch's logs.
+    ``applied`` holds the values in force this epoch, with SGD's noise scale εN/(B(1 − m)) (Smith et
+    al.'s formula is SGD's: for Adam, whose ``momentum`` is β1 and whose step is normalised, it has
+    no meaning and ``noise_scale`` is left out); the loop adds them to the epoch's logs.
     """
 
     def __init__(self, schedule: Schedule, batches: EpochBatches):
@@ -70,8 +69,9 @@ class ScheduleCallback(keras.callbacks.Callback):
             "learning_rate": float(step.learning_rate),
             "batch_size": int(step.batch_size),
             "momentum": float(step.momentum),
-            "noise_scale": step.noise_scale(self.batches.size),
         }
+        if not hasattr(optimizer, "beta_1"):  # SGD (plain, momentum, Nesterov)
+            self.applied["noise_scale"] = step.noise_scale(self.batches.size)
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         # A schedule that follows a measurement (adaptive) records it, for the next epoch's step.
@@ -274,7 +274,11 @@ class TrainStep:
 
     def _replica_gradients(self, images, labels, total):
         """Gradients of this replica's summed loss over the global ``total``; summed over replicas by the
-        optimizer, they are the gradient of the mean loss over the whole batch."""
+        optimizer (and over micro-batches by the accumulators), they are the gradient of the mean loss
+        over the whole batch. The weight penalty enters once per update: each replica adds its
+        1/replicas part of it, weighted by the micro-batch's share of the batch, as the single-device
+        accumulation does."""
+        share = tf.cast(tf.shape(labels)[0], tf.float32) / tf.cast(total, tf.float32)  # of a micro-batch: < 1
         images, labels, weights = self._replica_slice(images, labels)
         with tf.GradientTape() as tape:
             logits = self.model(images, training=True)
@@ -282,8 +286,8 @@ class TrainStep:
                 keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True), tf.float32
             )
             objective = tf.reduce_sum(per_example) / tf.cast(total, tf.float32)
-            if self.model.losses:  # the penalty once in the sum over replicas
-                objective += tf.add_n(self.model.losses) / self.replicas
+            if self.model.losses:  # the penalty once in the sum over replicas and micro-batches
+                objective += tf.add_n(self.model.losses) * share / self.replicas
         gradients = tape.gradient(objective, self.model.trainable_variables)
         hit = weights * tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
         self.loss_sum.assign_add(tf.reduce_sum(tf.cast(per_example, tf.float64)))
@@ -351,7 +355,8 @@ class GradientNoiseProbe:
     """Squared gradient norms at two batch sizes, for the gradient noise scale (:mod:`growing_batch.noise`).
 
     A probe takes a batch of B_big examples, cuts it into micro-batches of ``small_batch_size`` and
-    computes each one's gradient of the mean loss (as the train step does, in training mode): the
+    computes each one's gradient of the mean loss plus the weight penalty (as the train step does, in
+    training mode; with ghost batch norm the micro-batches are ghost batches): the
     mean of their squared norms is |G_small|², the squared norm of their mean |G_big|². It changes no
     weight; batch-norm statistics are put back as they were. ``loss`` maps (labels, outputs) to
     per-example losses; ``inputs`` may be any tensor the model takes (the tests use linear regression).
@@ -375,6 +380,8 @@ class GradientNoiseProbe:
             with tf.GradientTape() as tape:
                 outputs = self.model(inputs[part], training=True)
                 mean_loss = tf.reduce_mean(tf.cast(self.loss(targets[part], outputs), tf.float32))
+                if self.model.losses:  # the weight penalty: part of the gradient training follows
+                    mean_loss += tf.cast(tf.add_n(self.model.losses), tf.float32)
             gradients = [tf.cast(gradient, tf.float32) for gradient in tape.gradient(mean_loss, variables)]
             squared_norms += tf.cast(tf.add_n([tf.reduce_sum(tf.square(g)) for g in gradients]), tf.float64)
             total = [t + g for t, g in zip(total, gradients)]
@@ -408,7 +415,10 @@ class NoiseScaleMeter:
 
         self.batches = batches
         examples = min(noise.PROBE_EXAMPLES, batches.size)
-        self.small_batch_size = min(noise.PROBE_SMALL_BATCH_SIZE, max(1, examples // 2))
+        # With ghost batch norm, micro-batches of the ghost size: the batch statistics of training.
+        ghost_sizes = [layer.ghost_batch_size for layer in model.layers if hasattr(layer, "ghost_batch_size")]
+        small = max(ghost_sizes) if ghost_sizes else noise.PROBE_SMALL_BATCH_SIZE
+        self.small_batch_size = min(small, max(1, examples // 2))
         self.examples = examples // self.small_batch_size * self.small_batch_size
         self.probe = GradientNoiseProbe(model, _per_example_crossentropy, self.small_batch_size)
         self.estimator = noise.NoiseScaleEstimator()
@@ -568,6 +578,7 @@ def fit(
     for row in previous_rows:  # a schedule that follows measurements (adaptive) records them again
         schedule_callback.on_epoch_end(int(row["epoch"]) - 1, row)
     updates, examples_seen = initial_updates, initial_examples_seen
+    batches.start_after(initial_epoch, initial_examples_seen)  # where the next epoch's permutation starts
     epoch_logs: dict = {}
     diverged_epoch = None
     callback_list.on_train_begin()
@@ -575,7 +586,8 @@ def fit(
         callback_list.on_epoch_begin(epoch)
         train_step.reset()
         started = time.perf_counter()
-        for batch, indices in enumerate(batches.index_batches(epoch)):
+        epoch_batches = batches.index_batches(epoch)
+        for batch, indices in enumerate(epoch_batches):
             if batch_hooks:
                 callback_list.on_train_batch_begin(batch)
             batch_logs = train_step(batches.images, batches.labels, indices, batches.batch_seed(epoch, batch))
@@ -585,8 +597,9 @@ def fit(
                 raise TrainingInterrupted(interruption.requested, epoch + 1)
         epoch_examples = int(train_step.count.numpy())  # waits for the last step to finish
         epoch_seconds = time.perf_counter() - started
-        updates += batches.steps()
-        examples_seen += epoch_examples
+        updates += len(epoch_batches)
+        examples_seen += epoch_examples  # = len(epoch_batches) × batch_size: every batch is full
+        batches.advance()
         epoch_logs = {
             "train_loss": float(train_step.loss_sum.numpy()) / epoch_examples,
             "train_accuracy": int(train_step.correct.numpy()) / epoch_examples,

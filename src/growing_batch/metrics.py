@@ -15,7 +15,7 @@ EPOCH_METRICS = (
     "learning_rate",
     "batch_size",
     "momentum",
-    "noise_scale",  # εN/(B(1 − m))
+    "noise_scale",  # εN/(B(1 − m)), SGD only (not logged for Adam)
     "updates",  # cumulative parameter updates
     "examples_seen",  # cumulative
     "epoch_seconds",  # the epoch's training pass

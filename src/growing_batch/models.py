@@ -1,22 +1,28 @@
 """Models: the small-CNN reproduction's network, and the paper's 16-4 wide ResNet.
 
-``small-cnn`` (311,162 parameters on 32×32×3 CIFAR images, 220,474 on 28×28×1):
+``small-cnn`` (311,146 parameters on 32×32×3 CIFAR images, 220,458 on 28×28×1), exactly the
+reproduction's network:
 
     conv 3×3×32, stride 2, VALID, ReLU, no bias       32×32×3 -> 15×15×32   (28×28×1 -> 13×13×32)
     conv 3×3×32, stride 2, VALID, ReLU, no bias       -> 7×7×32             (-> 6×6×32)
     max-pool 2×2, stride 1, VALID                     -> 6×6×32             (-> 5×5×32)
-    conv 1×1×16, SAME, with bias, no activation       -> 6×6×16             (-> 5×5×16)
+    conv 1×1×16, SAME, no bias, no activation         -> 6×6×16             (-> 5×5×16)
     flatten                                           -> 576                (-> 400)
-    dense 512, ReLU
-    dense to one logit per class
+    dense 512, ReLU (bias, zero-initialised)
+    dense to one logit per class (bias, zero-initialised)
 
-Glorot-normal initialisation throughout; trained with softmax cross-entropy on the logits.
+Inputs are pixels / 255. Kernels start as TF 1.3's ``glorot_normal_initializer`` did: a truncated
+normal whose *parameter* is √(2/(fan_in + fan_out)), without Keras' correction for the truncation
+(so the sample standard deviation is 0.88 of that; Keras' ``GlorotNormal`` starts 14 % larger):
+``VarianceScaling(scale=0.87962566², mode="fan_avg", distribution="truncated_normal")``.
 The 1×1 convolution has no activation, as in the reproduction's code (its README says ReLU).
-No batch norm or dropout; no weight decay unless ``weight_decay`` is set.
+No batch norm or dropout; no weight decay unless ``weight_decay`` is set. Trained with softmax
+cross-entropy on the logits.
 
 ``wrn-16-4`` (2,748,890 trainable parameters on CIFAR-10, plus 3,616 batch-norm statistics), Zagoruyko & Komodakis' wide ResNet for CIFAR,
 depth 16 and width 4, pre-activation blocks, as the paper trains it:
 
+    standardise per channel: (x − mean) / std, the training split's statistics (a fixed layer)
     conv 3×3×16
     3 groups × 2 blocks of [BN-ReLU-conv 3×3, BN-ReLU-conv 3×3] + shortcut, widths 64, 128, 256,
     the first block of groups 2 and 3 with stride 2 (a 1×1 conv shortcut where the shape changes)
@@ -24,10 +30,12 @@ depth 16 and width 4, pre-activation blocks, as the paper trains it:
 
 He-normal initialisation, convolutions without bias. With ``ghost_batch_size`` > 0 every batch norm
 is a :class:`GhostBatchNormalization`: its statistics come from fixed virtual batches of that size
-(the paper's 128), so the mean gradient does not depend on the batch size.
+(the paper's 128), so the mean gradient does not depend on the batch size. The standardisation is
+part of the model, so the logged model takes images in [0, 1] like the small CNN.
 
-Weight decay λ is SGD-style (w ← w − ε(∇ + λw), as in the original WRN recipe, λ = 5e-4), added to
-the loss as the L2 penalty (λ/2)·||w||² on every convolution and dense kernel.
+Weight decay λ is SGD's (PyTorch's ``weight_decay``: w ← w − ε(∇ + λw), the original WRN recipe's
+λ = 5e-4), added to the loss as the L2 penalty (λ/2)·||w||² on **every trainable parameter**:
+kernels, biases, and batch-norm scales and offsets, as Zagoruyko & Komodakis' SGD applies it.
 """
 
 from __future__ import annotations
@@ -52,17 +60,21 @@ class GhostBatchNormalization(keras.layers.Layer):
     Works for any batch size without retracing (the number of ghost batches is computed in-graph).
     """
 
-    def __init__(self, ghost_batch_size: int = 128, momentum: float = 0.9, epsilon: float = 1e-5, **kwargs):
+    def __init__(self, ghost_batch_size: int = 128, momentum: float = 0.9, epsilon: float = 1e-5,
+                 regularizer=None, **kwargs):
         super().__init__(**kwargs)
         self.ghost_batch_size = int(ghost_batch_size)
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
+        self.regularizer = keras.regularizers.get(regularizer)  # on gamma and beta (weight decay)
 
     def build(self, input_shape):
         channels = (input_shape[-1],)
         # autocast=False: under mixed precision these stay float32 inside call, where the statistics are
-        self.gamma = self.add_weight(shape=channels, initializer="ones", name="gamma", autocast=False)
-        self.beta = self.add_weight(shape=channels, initializer="zeros", name="beta", autocast=False)
+        self.gamma = self.add_weight(shape=channels, initializer="ones", name="gamma", autocast=False,
+                                     regularizer=self.regularizer)
+        self.beta = self.add_weight(shape=channels, initializer="zeros", name="beta", autocast=False,
+                                    regularizer=self.regularizer)
         self.moving_mean = self.add_weight(
             shape=channels, initializer="zeros", name="moving_mean", trainable=False, autocast=False,
             aggregation="mean",  # on several replicas: the mean of their updates
@@ -109,13 +121,15 @@ class GhostBatchNormalization(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "ghost_batch_size": self.ghost_batch_size,
-                "momentum": self.momentum, "epsilon": self.epsilon}
+                "momentum": self.momentum, "epsilon": self.epsilon,
+                "regularizer": keras.regularizers.serialize(self.regularizer)}
 
 
-def _batch_norm(ghost_batch_size: int, name: str):
+def _batch_norm(ghost_batch_size: int, name: str, regularizer=None):
     if ghost_batch_size > 0:
-        return GhostBatchNormalization(ghost_batch_size, momentum=0.9, epsilon=1e-5, name=name)
-    return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
+        return GhostBatchNormalization(ghost_batch_size, momentum=0.9, epsilon=1e-5, regularizer=regularizer, name=name)
+    return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, gamma_regularizer=regularizer,
+                                           beta_regularizer=regularizer, name=name)
 
 
 def wide_resnet(
@@ -126,8 +140,13 @@ def wide_resnet(
     ghost_batch_size: int = 0,
     weight_decay: float = 0.0,
     seed: int = 0,
+    standardization: tuple | None = None,
 ) -> keras.Model:
-    """Zagoruyko & Komodakis' pre-activation wide ResNet for CIFAR (WRN-depth-width)."""
+    """Zagoruyko & Komodakis' pre-activation wide ResNet for CIFAR (WRN-depth-width).
+
+    ``standardization``: the per-channel (mean, std) of the training images on the [0, 1] scale
+    (:func:`channel_statistics`); None: no standardisation layer.
+    """
     if (depth - 4) % 6:
         raise ValueError(f"depth must be 6n + 4 for a wide ResNet, received {depth}.")
     blocks_per_group = (depth - 4) // 6
@@ -142,10 +161,15 @@ def wide_resnet(
         )
 
     def norm_relu(x, name):
-        return keras.layers.ReLU(name=f"{name}_relu")(_batch_norm(ghost_batch_size, f"{name}_bn")(x))
+        return keras.layers.ReLU(name=f"{name}_relu")(_batch_norm(ghost_batch_size, f"{name}_bn", regularizer)(x))
 
     inputs = keras.Input(shape=image_shape, name="images")
-    x = conv(16, 3, 1, "stem")(inputs)
+    x = inputs
+    if standardization is not None:
+        mean, std = standardization
+        x = keras.layers.Normalization(mean=list(mean), variance=[value**2 for value in std], dtype="float32",
+                                       name="standardize")(x)
+    x = conv(16, 3, 1, "stem")(x)
     for group, filters in enumerate((16 * width, 32 * width, 64 * width), start=1):
         for block in range(blocks_per_group):
             name = f"group{group}_block{block + 1}"
@@ -161,9 +185,56 @@ def wide_resnet(
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     logits = keras.layers.Dense(
         num_classes, kernel_initializer=keras.initializers.HeNormal(seed=seed * 1000 + next(counter)),
-        kernel_regularizer=regularizer, dtype="float32", name="logits",
+        kernel_regularizer=regularizer, bias_regularizer=regularizer, dtype="float32", name="logits",
     )(x)
     return keras.Model(inputs, logits, name=f"wrn_{depth}_{width}")
+
+
+# Models whose inputs are standardised per channel by the training split's statistics (the WRN recipe).
+STANDARDIZED_MODELS = ("wrn-16-4",)
+
+
+def channel_statistics(images) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of uint8 images, on the [0, 1] scale the model sees."""
+    import numpy as np
+
+    pixels = np.asarray(images).reshape(-1, np.asarray(images).shape[-1])
+    total, squares = np.zeros(pixels.shape[1]), np.zeros(pixels.shape[1])
+    for start in range(0, len(pixels), 1 << 22):  # float64 slices: no full-size float copy
+        part = pixels[start:start + (1 << 22)].astype(np.float64) / 255.0
+        total += part.sum(0)
+        squares += np.square(part).sum(0)
+    mean = total / len(pixels)
+    std = np.sqrt(np.maximum(squares / len(pixels) - np.square(mean), 0.0))
+    return [float(value) for value in mean], [float(value) if value > 0 else 1.0 for value in std]
+
+
+def standardization_for(name: str, train_images) -> tuple[list[float], list[float]] | None:
+    """The (mean, std) model ``name`` standardises its inputs with, from the training images; None for
+    models that take pixels / 255 as they are (the small CNN, as in the reproduction)."""
+    return channel_statistics(train_images) if name in STANDARDIZED_MODELS else None
+
+
+def input_standardization(model: keras.Model) -> dict | None:
+    """``{"mean": [...], "std": [...]}`` of the model's standardisation layer (for config.json), or None."""
+    for layer in model.layers:
+        if layer.name == "standardize":
+            config = layer.get_config()
+            return {"mean": [float(value) for value in config["mean"]],
+                    "std": [float(value) ** 0.5 for value in config["variance"]]}
+    return None
+
+
+# TF 1.3's glorot_normal_initializer: a truncated normal with parameter √(2/(fan_in + fan_out)) and no
+# truncation correction. Keras' VarianceScaling divides its parameter by 0.87962566 (the standard
+# deviation of a unit normal truncated at ±2) to correct for it; this scale undoes that.
+REPRODUCTION_INITIALIZER_SCALE = 0.87962566**2
+
+
+def reproduction_initializer(seed: int) -> keras.initializers.Initializer:
+    return keras.initializers.VarianceScaling(
+        scale=REPRODUCTION_INITIALIZER_SCALE, mode="fan_avg", distribution="truncated_normal", seed=seed
+    )
 
 
 def small_cnn(
@@ -172,7 +243,7 @@ def small_cnn(
     regularizer = _regularizer(weight_decay)
 
     def init(offset: int):
-        return keras.initializers.GlorotNormal(seed=seed * 1000 + offset)
+        return reproduction_initializer(seed * 1000 + offset)
 
     inputs = keras.Input(shape=image_shape, name="images")
     x = keras.layers.Conv2D(32, 3, strides=2, padding="valid", activation="relu", use_bias=False,
@@ -180,13 +251,14 @@ def small_cnn(
     x = keras.layers.Conv2D(32, 3, strides=2, padding="valid", activation="relu", use_bias=False,
                             kernel_initializer=init(2), kernel_regularizer=regularizer, name="conv2")(x)
     x = keras.layers.MaxPooling2D(pool_size=2, strides=1, padding="valid", name="pool")(x)
-    x = keras.layers.Conv2D(16, 1, padding="same", kernel_initializer=init(3), kernel_regularizer=regularizer,
-                            name="conv3")(x)
+    x = keras.layers.Conv2D(16, 1, padding="same", use_bias=False, kernel_initializer=init(3),
+                            kernel_regularizer=regularizer, name="conv3")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Dense(512, activation="relu", kernel_initializer=init(4), kernel_regularizer=regularizer,
-                           name="dense")(x)
+                           bias_regularizer=regularizer, name="dense")(x)
     logits = keras.layers.Dense(num_classes, kernel_initializer=init(5), kernel_regularizer=regularizer,
-                                dtype="float32", name="logits")(x)  # float32 logits under mixed precision
+                                bias_regularizer=regularizer, dtype="float32",
+                                name="logits")(x)  # float32 logits under mixed precision
     return keras.Model(inputs, logits, name="small_cnn")
 
 
@@ -197,13 +269,15 @@ def build(
     seed: int = 0,
     weight_decay: float = 0.0,
     ghost_batch_size: int = 0,
+    standardization: tuple | None = None,
 ) -> keras.Model:
+    """The model ``name``; ``standardization`` (per-channel mean and std) is the wide ResNet's input layer."""
     if name == "small-cnn":
         if ghost_batch_size:
             raise ValueError("small-cnn has no batch norm: ghost_batch_size must be 0.")
         return small_cnn(image_shape, num_classes, seed, weight_decay)
     if name == "wrn-16-4":
-        return wide_resnet(image_shape, num_classes, 16, 4, ghost_batch_size, weight_decay, seed)
+        return wide_resnet(image_shape, num_classes, 16, 4, ghost_batch_size, weight_decay, seed, standardization)
     raise ValueError(f"model={name!r} is not allowed: expected one of {', '.join(MODELS)}.")
 
 

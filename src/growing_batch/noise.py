@@ -19,7 +19,8 @@ import math
 
 # How the training loop probes (see growing_batch.loop.GradientNoiseProbe): once per epoch, after
 # the training pass, on PROBE_EXAMPLES random training examples (or all, if fewer) cut into
-# micro-batches of PROBE_SMALL_BATCH_SIZE: their mean squared gradient norm is |G_small|², the
+# micro-batches of PROBE_SMALL_BATCH_SIZE (of the ghost batch size with ghost batch norm, so the batch
+# statistics are those of training), with the weight penalty in each gradient: their mean squared gradient norm is |G_small|², the
 # squared norm of their mean gradient |G_big|². One forward and backward pass over 1,024 examples:
 # about 2 % of a 50,000-example epoch.
 PROBE_EXAMPLES = 1024

@@ -66,6 +66,8 @@ def training_curves_figure(rows: list[dict], title: str = ""):
 
 def _member_curves(history, x: str, y: str):
     """Per member: x (mean over seeds), mean y and its standard deviation over seeds, per epoch."""
+    if y not in history.columns:  # e.g. noise_scale of Adam runs, which is not logged
+        return
     for member, group in history.groupby("member", sort=False):
         per_epoch = group.dropna(subset=[y]).groupby("epoch")
         yield member, per_epoch[x].mean(), per_epoch[y].mean(), per_epoch[y].std(ddof=1).fillna(0.0), group["run_id"].unique()

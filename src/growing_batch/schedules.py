@@ -215,6 +215,10 @@ def adaptive(
 ) -> Step:
     """The batch size follows the measured gradient noise scale B_simple; the paper's rule at the cap.
 
+    A heuristic of this project, not McCandlish et al.'s rule: it sets B to the measured B_simple
+    at a fixed ε0 (their ε_opt(B) = ε_max/(1 + B_noise/B) would change the learning rate with B);
+    it is not in the paper either, and no source reports a result for it.
+
     ``measured[e − 1]`` is the noise scale measured at the end of epoch e (NaN: none). An *effective*
     batch size V starts at ``batch_size`` and, after each epoch with a measurement, moves towards it,
     by at most a factor ``max_batch_growth`` up or down, never below ``min_batch_size``. The batch is
@@ -309,17 +313,34 @@ def resolve_max_batch_size(max_batch_size: int, train_size: int) -> int:
     return max_batch_size if max_batch_size > 0 else default_max_batch_size(train_size)
 
 
-def steps_per_epoch(train_size: int, batch_size: int) -> int:
-    """Parameter updates in one epoch: every example once, the last batch possibly smaller."""
-    return -(-train_size // batch_size)
+def epoch_updates(train_size: int, batch_size: int, carried: int = 0) -> tuple[int, int]:
+    """The updates of one epoch, and the examples its last batch takes from the next epoch.
+
+    Every batch holds exactly ``batch_size`` examples, as in the reproduction's ``next_batch``: an
+    epoch whose first ``carried`` examples (of its shuffle) were already used by the previous epoch's
+    last batch has ``train_size − carried`` left; they make ``ceil((N − carried)/B)`` batches, and the
+    last one is topped up from the next epoch's shuffle. That straddling batch counts in the epoch it
+    started in. Returns ``(updates, carried into the next epoch)``, the latter in ``[0, B)``.
+    """
+    if not 0 <= carried < train_size:
+        raise ValueError(f"carried must be in [0, train_size={train_size}); received {carried}.")
+    remaining = train_size - carried
+    updates = -(-remaining // batch_size)
+    return updates, updates * batch_size - remaining
 
 
 def table(schedule: Schedule, epochs: int, train_size: int) -> list[dict]:
-    """The schedule over ``epochs`` epochs, with noise scale and cumulative updates per epoch."""
-    rows, updates = [], 0
+    """The schedule over ``epochs`` epochs, with noise scale, cumulative updates and examples per epoch.
+
+    ``examples_seen`` is ``updates`` weighted by each epoch's batch size; it equals
+    ``epoch · N + carried`` (see :func:`epoch_updates`).
+    """
+    rows, updates, examples_seen, carried = [], 0, 0, 0
     for epoch in range(1, epochs + 1):
         step = schedule(epoch)
-        updates += steps_per_epoch(train_size, step.batch_size)
+        epoch_count, carried = epoch_updates(train_size, step.batch_size, carried)
+        updates += epoch_count
+        examples_seen += epoch_count * step.batch_size
         rows.append(
             {
                 "epoch": epoch,
@@ -328,6 +349,7 @@ def table(schedule: Schedule, epochs: int, train_size: int) -> list[dict]:
                 "momentum": step.momentum,
                 "noise_scale": step.noise_scale(train_size),
                 "updates": updates,
+                "examples_seen": examples_seen,
             }
         )
     return rows

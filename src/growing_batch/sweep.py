@@ -67,7 +67,8 @@ EXPERIMENTS: dict[str, list[Member]] = {
     "paper-nesterov": _presets(["paper-decay-nesterov", "paper-hybrid-nesterov", "paper-increase-nesterov"]),
     "paper-sgd": _presets(["paper-decay-sgd", "paper-hybrid-sgd", "paper-increase-sgd"]),
     "paper-adam": _presets(["paper-decay-adam", "paper-hybrid-adam", "paper-increase-adam"]),
-    "paper-table": _presets(["paper-decay", "paper-increase", "paper-lr0.5", "paper-momentum0.98"]),
+    # The paper's table (B_max = 5,120 = N/10, then ε decays), as the paper states it.
+    "paper-table": _presets(["paper-decay", "paper-increase-5120", "paper-lr0.5", "paper-momentum0.98"]),
 }
 assert all(m.values.get("preset", "") in ("", *PRESETS) for members in EXPERIMENTS.values() for m in members)
 
@@ -94,15 +95,15 @@ class Child:
 
 
 def plan(experiment: str, seeds: int, overrides: dict[str, str]) -> list[Child]:
-    """The children of a sweep, each validated (a bad value fails here, before anything runs)."""
+    """The children of a sweep, seed-major, each validated (a bad value fails here, before anything runs)."""
     if experiment not in EXPERIMENTS:
         raise ConfigError(f"experiment={experiment!r} is not allowed: expected one of {', '.join(EXPERIMENTS)}.")
     if seeds < 1:
         raise ConfigError(f"seeds='{seeds}' is not allowed: expected a whole number >= 1.")
     given = {name: value for name, value in overrides.items() if str(value).strip() != ""}
     children = []
-    for member in EXPERIMENTS[experiment]:
-        for seed in range(seeds):
+    for seed in range(seeds):  # seed by seed: a sweep stopped early has every member at its first seeds
+        for member in EXPERIMENTS[experiment]:
             values = {**member.values, **given, "seed": str(seed)}
             config_module.from_strings(values)  # validates, raising ConfigError
             children.append(Child(member.name, seed, values))

@@ -309,7 +309,7 @@ def _build(config: Config, strategy, splits):
     with strategy.scope():
         model = models.build(
             config.model, splits.image_shape, splits.num_classes, config.seed, config.weight_decay,
-            config.ghost_batch_size,
+            config.ghost_batch_size, standardization=models.standardization_for(config.model, splits.train.images),
         )
         optimizer = models.build_optimizer(config.optimizer, config.learning_rate, config.momentum, config.nesterov)
         models.compile_for_training(model, optimizer)
@@ -349,7 +349,7 @@ def _train_in_run(config, run_id, resume_state, model, batches, schedule, evalua
                   extra_callbacks, verbose, strategy) -> int:
     import mlflow
 
-    from growing_batch import loop, tracking
+    from growing_batch import loop, models, tracking
 
     title = tracking.run_name(config)
     if resume_state is None:
@@ -364,6 +364,7 @@ def _train_in_run(config, run_id, resume_state, model, batches, schedule, evalua
                 "resolved_max_batch_size": max_batch_size,
                 "data_source": splits.source,
                 "parameters": model.count_params(),
+                "input_standardization": models.input_standardization(model),
                 "epochs_counted_from": 1,
                 "replicas": int(strategy.num_replicas_in_sync),
                 "distribution": distribute.describe(strategy),
