@@ -94,9 +94,15 @@ def test_each_schedule_logs_one_point_per_epoch_matching_the_schedule(schedule_r
         assert history["batch_size"][epoch - 1][1] == step.batch_size
         assert history["learning_rate"][epoch - 1][1] == pytest.approx(step.learning_rate, rel=1e-12)
         assert history["noise_scale"][epoch - 1][1] == pytest.approx(step.noise_scale(train_size), rel=1e-12)
-    expected_updates = sum(schedules.steps_per_epoch(train_size, schedule(e).batch_size) for e in (1, 2))
-    assert history["updates"][-1][1] == expected_updates
-    assert history["examples_seen"][-1][1] == EPOCHS * train_size
+    table = schedules.table(schedule, EPOCHS, train_size)
+    assert [value for _, value in history["updates"]] == [row["updates"] for row in table]
+    assert [value for _, value in history["examples_seen"]] == [row["examples_seen"] for row in table]
+    # every update sees exactly batch_size examples
+    previous_updates = previous_examples = 0
+    for (_, updates), (_, examples), (_, batch_size) in zip(history["updates"], history["examples_seen"],
+                                                             history["batch_size"]):
+        assert examples - previous_examples == batch_size * (updates - previous_updates)
+        previous_updates, previous_examples = updates, examples
 
 
 @pytest.mark.e2e

@@ -133,8 +133,10 @@ def test_summary_numbers_equal_the_metric_histories(swept):
     direct = {}
     for run in runs.itertuples():
         accuracy = [m.value for m in sorted(client.get_metric_history(run.run_id, "test_accuracy"), key=lambda m: m.step)]
+        validation = [m.value for m in sorted(client.get_metric_history(run.run_id, "val_accuracy"), key=lambda m: m.step)]
         updates = max(m.value for m in client.get_metric_history(run.run_id, "updates"))
-        direct.setdefault(run.member, []).append((accuracy[-1], max(accuracy), updates))
+        at_best_val = accuracy[validation.index(max(validation))]
+        direct.setdefault(run.member, []).append((accuracy[-1], max(accuracy), updates, at_best_val))
     for member, values in direct.items():
         finals = [v[0] for v in values]
         mean = sum(finals) / len(finals)
@@ -142,6 +144,9 @@ def test_summary_numbers_equal_the_metric_histories(swept):
         assert summary.loc[member, "final_test_accuracy_mean"] == pytest.approx(mean, abs=1e-12)
         assert summary.loc[member, "final_test_accuracy_std"] == pytest.approx(std, abs=1e-12)
         assert summary.loc[member, "best_test_accuracy_mean"] == pytest.approx(sum(v[1] for v in values) / 2, abs=1e-12)
+        assert summary.loc[member, "test_accuracy_at_best_val_mean"] == pytest.approx(
+            sum(v[3] for v in values) / 2, abs=1e-12)
+        assert summary.loc[member, "diverged"] == 0
         assert summary.loc[member, "updates"] == pytest.approx(sum(v[2] for v in values) / 2)
     assert summary.loc["lr-decay", "updates_ratio"] == 1.0
     assert summary.loc["noise-matched", "updates_ratio"] == pytest.approx(
