@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from growing_batch import analysis, data, loop, models, schedules
+from growing_batch import analysis, data, loop, models, noise, schedules
 from growing_batch.config import from_args
 
 
@@ -38,7 +38,7 @@ def test_the_noise_scale_is_logged_for_sgd_only(fashion_dir, optimizer, logged):
                                         models.build_optimizer(optimizer, 0.01, momentum=0.9))
     batches = data.EpochBatches(splits.train, seed=0)
     schedule = functools.partial(schedules.constant, learning_rate=0.01, batch_size=50, momentum=0.9)
-    history = loop.fit(model, batches, loop.ScheduleCallback(schedule, batches), epochs=1, verbose=0)
+    history = loop.Trainer(model, batches, schedule).fit(epochs=1, verbose=0)
     assert ("noise_scale" in history.history) is logged
     if logged:
         assert history.history["noise_scale"] == [pytest.approx(0.01 * 200 / (50 * 0.1))]
@@ -56,13 +56,15 @@ def test_the_noise_probe_uses_ghost_batches_and_includes_the_weight_penalty(fash
     ghost = models.compile_for_training(
         models.wide_resnet((28, 28, 1), 10, depth=10, width=1, ghost_batch_size=16),
         models.build_optimizer("sgd", 0.1))
-    assert loop.NoiseScaleMeter(ghost, batches).small_batch_size == 16
-    plain = models.build("small-cnn", (28, 28, 1), 10, seed=0)
-    decayed = models.build("small-cnn", (28, 28, 1), 10, seed=0, weight_decay=0.5)
-    assert loop.NoiseScaleMeter(plain, batches).small_batch_size == 64
+    assert noise.NoiseScaleMeter(ghost, batches).small_batch_size == 16
+    plain = models.compile_for_training(models.build("small-cnn", (28, 28, 1), 10, seed=0),
+                                        models.build_optimizer("sgd", 0.1))
+    decayed = models.compile_for_training(models.build("small-cnn", (28, 28, 1), 10, seed=0, weight_decay=0.5),
+                                          models.build_optimizer("sgd", 0.1))
+    assert noise.NoiseScaleMeter(plain, batches).small_batch_size == 64
     images, labels = data.scale(splits.train.images[:128]), splits.train.labels[:128]
-    without = loop.GradientNoiseProbe(plain, loop._per_example_crossentropy, 64)(images, labels)
-    with_penalty = loop.GradientNoiseProbe(decayed, loop._per_example_crossentropy, 64)(images, labels)
+    without = noise.NoiseScaleMeter(plain, batches).probe(images, labels)
+    with_penalty = noise.NoiseScaleMeter(decayed, batches).probe(images, labels)
     # the same weights: the penalty's gradient λw adds to every micro-batch's gradient
     assert with_penalty[0] > without[0] and with_penalty[1] > without[1]
     # ... and leaves the spread between micro-batches (tr Σ) as it was, up to float32 cancellation

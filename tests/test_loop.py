@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from growing_batch import data, loop, models, schedules
+from growing_batch import checkpoint, data, loop, models, schedules
 
 
 @pytest.fixture(scope="module")
@@ -52,20 +52,20 @@ class Recorder(keras.callbacks.Callback):
         self.calls.append("train_end")
 
 
-def train(splits, schedule, epochs, callbacks=(), model=None):
+def train(splits, schedule, epochs, callbacks=(), model=None, return_trainer=False):
     model = model or make_model(splits)
     batches = data.EpochBatches(splits.train, seed=0)
     evaluation = {"val": data.evaluation_batches(splits.validation, 64), "test": data.evaluation_batches(splits.test, 64)}
-    history = loop.fit(model, batches, loop.ScheduleCallback(schedule, batches), epochs=epochs,
-                       evaluation=evaluation, callbacks=callbacks, verbose=0)
-    return model, history
+    trainer = loop.Trainer(model, batches, schedule, evaluation=evaluation)
+    history = trainer.fit(epochs=epochs, callbacks=callbacks, verbose=0)
+    return (model, history, trainer) if return_trainer else (model, history)
 
 
 def test_growing_batch_is_applied_every_epoch_without_retracing(splits):
     n = len(splits.train)  # 200
     schedule = functools.partial(schedules.batch_growth, learning_rate=0.05, batch_size=8, batch_growth=2.0, max_batch_size=n)
     recorder = Recorder()
-    model, history = train(splits, schedule, epochs=5, callbacks=[recorder])
+    model, history, trainer = train(splits, schedule, epochs=5, callbacks=[recorder], return_trainer=True)
     expected_sizes = [8, 16, 32, 64, 128]
     assert history.history["batch_size"] == expected_sizes
     assert recorder.batch_sizes == dict(enumerate(expected_sizes))
@@ -77,7 +77,7 @@ def test_growing_batch_is_applied_every_epoch_without_retracing(splits):
     assert history.history["examples_seen"] == [200, 408, 600, 856, 1112]  # epochs · N + carried
     increments = np.diff([0, *history.history["examples_seen"]])
     assert list(increments) == [size * count for size, count in zip(expected_sizes, steps)]  # each update: B
-    assert model.train_step_function.traces == 1  # five batch sizes, one trace
+    assert trainer.step.traces == 1  # five batch sizes, one trace
     assert int(model.optimizer.iterations.numpy()) == sum(steps)
 
 
@@ -152,15 +152,6 @@ def test_a_momentum_change_the_optimizer_cannot_apply_is_an_error(splits):
         train(splits, schedule, epochs=1)
 
 
-def test_schedule_callback_must_drive_the_trained_batches(splits):
-    model = make_model(splits)
-    batches = data.EpochBatches(splits.train, seed=0)
-    other = data.EpochBatches(splits.train, seed=0)
-    schedule = functools.partial(schedules.constant, learning_rate=0.1, batch_size=100)
-    with pytest.raises(ValueError, match="same EpochBatches"):
-        loop.fit(model, batches, loop.ScheduleCallback(schedule, other), epochs=1, verbose=0)
-
-
 def test_one_accumulated_update_equals_one_full_batch_update():
     """Micro-batches of 32 with gradient accumulation give the update of the whole batch of 96."""
     rng = np.random.default_rng(0)
@@ -171,7 +162,7 @@ def test_one_accumulated_update_equals_one_full_batch_update():
         keras.utils.set_random_seed(0)
         model = models.wide_resnet((8, 8, 3), 4, depth=10, width=1, ghost_batch_size=16, weight_decay=5e-4, seed=0)
         models.compile_for_training(model, models.build_optimizer("sgd", 0.5, momentum=0.9))
-        step = loop.TrainStep(model, model.loss, max_device_batch_size)
+        step = loop.TrainStep(model, max_device_batch_size=max_device_batch_size)
         logs = step(tf.constant(images), tf.constant(labels))
         return [w.numpy() for w in model.trainable_variables], {k: float(v) for k, v in logs.items()}, step
 
@@ -212,12 +203,15 @@ def test_augmented_epochs_differ_but_repeat_with_the_seed(splits):
     assert not all(np.array_equal(a, b) for a, b in zip(first, unaugmented))
 
 
-def test_fitting_again_reuses_the_compiled_step(splits):
-    schedule = functools.partial(schedules.constant, learning_rate=0.05, batch_size=50)
-    model, _ = train(splits, schedule, epochs=1)
-    step = model.train_step_function
-    train(splits, functools.partial(schedules.constant, learning_rate=0.05, batch_size=70), epochs=1, model=model)
-    assert model.train_step_function is step and step.traces == 1
+def test_fitting_again_continues_with_the_same_compiled_step(splits):
+    schedule = functools.partial(schedules.batch_growth, learning_rate=0.05, batch_size=50, batch_growth=1.4,
+                                 max_batch_size=200)
+    model, first, trainer = train(splits, schedule, epochs=1, return_trainer=True)
+    state = checkpoint.State(config={}, epoch=1, updates=int(first.history["updates"][-1]),
+                             examples_seen=int(first.history["examples_seen"][-1]))
+    second = trainer.fit(state, 2, verbose=0)
+    assert second.history["batch_size"] == [70] and second.history["updates"] == [4 + 3]  # 200/50, then 200/70
+    assert trainer.step.traces == 1
 
 
 def test_batch_hooks_are_detected():
@@ -242,7 +236,8 @@ def test_accumulated_update_sees_the_same_augmented_images_as_the_whole_batch():
         keras.utils.set_random_seed(0)
         model = models.build("small-cnn", (16, 16, 3), 4, seed=0)
         models.compile_for_training(model, models.build_optimizer("sgd", 0.5))
-        step = loop.TrainStep(model, model.loss, max_device_batch_size, augment=True, image_dtype=batches.images.dtype)
+        step = loop.TrainStep(model, max_device_batch_size=max_device_batch_size, augment=True,
+                              image_dtype=batches.images.dtype)
         step(batches.images, batches.labels, indices, batches.batch_seed(2, 0))
         return [w.numpy() for w in model.trainable_variables]
 

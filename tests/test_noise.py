@@ -44,7 +44,7 @@ def test_the_probe_recovers_the_noise_scale_of_linear_regression_in_closed_form(
     expected = (d * (1 + sigma**2) + 1) / 1  # 21
     model = keras.Sequential([keras.Input((d,)), keras.layers.Dense(1, use_bias=False)])
     model.layers[0].kernel.assign((true_weights + r)[:, None].astype(np.float32))
-    probe = loop.GradientNoiseProbe(model, lambda y, out: 0.5 * tf.square(out[:, 0] - y), small_batch_size=16)
+    probe = noise.GradientNoiseProbe(model, lambda y, out: 0.5 * tf.square(out[:, 0] - y), small_batch_size=16)
     estimator = noise.NoiseScaleEstimator(decay=0.98)
     for _ in range(300):
         x = rng.normal(size=(512, d)).astype(np.float32)

@@ -57,7 +57,7 @@ def test_a_checkpoint_restores_weights_and_optimizer_state(tmp_path):
     rng = np.random.default_rng(0)
     split = data.Split(rng.integers(0, 256, (64, 16, 16, 1)).astype(np.uint8), rng.integers(0, 4, 64).astype(np.int32))
     trained = small_model()
-    step = loop.TrainStep(trained, trained.loss)
+    step = loop.TrainStep(trained)
     batches = data.EpochBatches(split, seed=0)
     for _ in range(3):
         step(batches.images, batches.labels)
@@ -71,7 +71,7 @@ def test_a_checkpoint_restores_weights_and_optimizer_state(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert int(fresh.optimizer.iterations.numpy()) == 3
     # one more identical step on both gives identical weights: the momentum buffers came back too
-    loop.TrainStep(fresh, fresh.loss)(batches.images, batches.labels)
+    loop.TrainStep(fresh)(batches.images, batches.labels)
     step(batches.images, batches.labels)
     for a, b in zip(trained.trainable_variables, fresh.trainable_variables):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)

@@ -70,8 +70,10 @@ def matmul_peak(size: int, dtype: str, repetitions: int = 5) -> float:
     a = tf.random.normal((size, size), dtype=tf.float32)
     b = tf.random.normal((size, size), dtype=tf.float32)
     a, b = tf.cast(a, dtype), tf.cast(b, dtype)
-    product = tf.function(lambda x, y: tf.reduce_sum(tf.cast(tf.linalg.matmul(x, y)[0, 0], tf.float32)))
-    product(a, b)  # trace and warm up
+    def product(x, y):  # eager: one kernel call, whose dispatch is negligible next to size³ multiply-adds
+        return tf.cast(tf.linalg.matmul(x, y)[0, 0], tf.float32)
+
+    product(a, b)  # warm up
     best = float("inf")
     for _ in range(repetitions):
         started = time.perf_counter()
@@ -125,8 +127,8 @@ class _EpochTimer:
         if trainer == "loop":
             self.batches = data.EpochBatches(splits.train, seed=0)
             schedule = functools.partial(schedules.constant, learning_rate=0.01, batch_size=batch_size)
-            self.callback = loop.ScheduleCallback(schedule, self.batches)
-            self.evaluation = {"test": data.evaluation_batches(splits.test)}
+            self.loop_trainer = loop.Trainer(self.model, self.batches, schedule, jit_compile=jit_compile,
+                                             evaluation={"test": data.evaluation_batches(splits.test)})
         else:
             self.x, self.y = data.scale(splits.train.images), splits.train.labels
             self.validation = (data.scale(splits.test.images), splits.test.labels)
@@ -136,8 +138,6 @@ class _EpochTimer:
     def epoch(self) -> float:
         """One epoch, timed from on_epoch_begin to on_epoch_end (each call's set-up is not counted)."""
         import keras
-
-        from growing_batch import loop
 
         seconds = []
 
@@ -149,8 +149,7 @@ class _EpochTimer:
                 seconds.append(time.perf_counter() - self.started)
 
         if self.trainer == "loop":
-            loop.fit(self.model, self.batches, self.callback, epochs=1, evaluation=self.evaluation,
-                     callbacks=[Timer()], verbose=0, jit_compile=self.jit_compile)
+            self.loop_trainer.fit(epochs=1, callbacks=[Timer()], verbose=0)
         else:
             self.model.fit(self.x, self.y, batch_size=self.batch_size, epochs=1, validation_data=self.validation,
                            callbacks=[Timer()], verbose=0, shuffle=True)
@@ -199,9 +198,9 @@ def count_traces(epochs: int) -> dict:
     batches = data.EpochBatches(splits.train, seed=0)
     schedule = functools.partial(schedules.batch_growth, learning_rate=0.01, batch_size=16, batch_growth=1.15,
                                  max_batch_size=4096)
-    history = loop.fit(model, batches, loop.ScheduleCallback(schedule, batches), epochs=epochs, verbose=0)
-    sizes = history.history["batch_size"]
-    return {"train_step_traces": model.train_step_function.traces, "distinct_batch_sizes": len(set(sizes))}
+    trainer = loop.Trainer(model, batches, schedule)
+    sizes = trainer.fit(epochs=epochs, verbose=0).history["batch_size"]
+    return {"train_step_traces": trainer.step.traces, "distinct_batch_sizes": len(set(sizes))}
 
 
 def logging_fraction(splits, epochs: int) -> dict:
@@ -220,9 +219,8 @@ def logging_fraction(splits, epochs: int) -> dict:
             batches = data.EpochBatches(splits.train, seed=0)
             schedule = functools.partial(schedules.lr_decay, learning_rate=0.01, batch_size=128, lr_decay=0.9)
             callback = tracking.TrackingCallback(run.info.run_id)
-            history = loop.fit(model, batches, loop.ScheduleCallback(schedule, batches), epochs=epochs,
-                               evaluation={"test": data.evaluation_batches(splits.test)},
-                               callbacks=[callback], verbose=0)
+            trainer = loop.Trainer(model, batches, schedule, evaluation={"test": data.evaluation_batches(splits.test)})
+            history = trainer.fit(epochs=epochs, callbacks=[callback], verbose=0)
             callback.wait()
         mlflow.set_tracking_uri(None)
     epoch_seconds = sum(history.history["epoch_seconds"])
@@ -233,10 +231,10 @@ def logging_fraction(splits, epochs: int) -> dict:
 def noise_scale_cost(splits, repetitions: int, batch_size: int = 128) -> dict:
     """Seconds of one gradient-noise-scale measurement against an epoch (training pass and test
     evaluation) of the loop at ``batch_size``: the cost of ``measure_noise_scale``, medians."""
-    from growing_batch import loop
+    from growing_batch import noise
 
     timer = _EpochTimer(splits, batch_size, "loop")
-    meter = loop.NoiseScaleMeter(timer.model, timer.batches)
+    meter = noise.NoiseScaleMeter(timer.model, timer.batches)
     meter.measure(0)  # trace
     epochs, probes = [], []
     for repetition in range(repetitions):
@@ -277,8 +275,8 @@ def quick_comparison(settings: dict) -> dict:
             def on_epoch_end(self, epoch, logs=None):
                 stamps.append((time.perf_counter() - started, logs["test_accuracy"]))
 
-        loop.fit(model, batches, loop.ScheduleCallback(schedule, batches), epochs=settings["comparison_epochs"],
-                 evaluation={"test": data.evaluation_batches(splits.test)}, callbacks=[Stamp()], verbose=0)
+        trainer = loop.Trainer(model, batches, schedule, evaluation={"test": data.evaluation_batches(splits.test)})
+        trainer.fit(epochs=settings["comparison_epochs"], callbacks=[Stamp()], verbose=0)
         results[name] = {"wall_seconds": stamps[-1][0], "final_test_accuracy": stamps[-1][1], "stamps": stamps}
     target = results["lr-decay"]["final_test_accuracy"]
     for result in (results["lr-decay"], results["noise-matched"]):

@@ -13,7 +13,7 @@ logs to MLflow (:func:`is_chief`).
 
 The schedule's batch size is the global batch: each step's batch is gathered once and split as
 evenly as possible over all replicas (sizes differ by at most one example, or one ghost batch with
-ghost batch norm: see :meth:`growing_batch.loop.TrainStep._replica_slice`); each replica's loss is
+ghost batch norm: see :meth:`growing_batch.loop.TrainStep._replica_share`); each replica's loss is
 its examples' summed loss over the *global* batch size, and the optimizer sums the replicas'
 gradients, so an update is the mean gradient over the whole batch, as on one device.
 

@@ -9,15 +9,16 @@ give unbiased estimates of both:
     tr(Σ) ≈ (|G_small|² − |G_big|²) / (1/B_small − 1/B_big)
 
 Each is noisy (|G|²'s can even be negative), so each is smoothed by an exponential moving average
-before the ratio is taken. This module is plain arithmetic (no TensorFlow); the gradients come from
-:class:`growing_batch.loop.GradientNoiseProbe`.
+before the ratio is taken. The estimator is plain arithmetic (no TensorFlow, tested in milliseconds);
+the gradients come from :class:`GradientNoiseProbe`, which :class:`NoiseScaleMeter` runs once per
+epoch during training (both import TensorFlow only when built).
 """
 
 from __future__ import annotations
 
 import math
 
-# How the training loop probes (see growing_batch.loop.GradientNoiseProbe): once per epoch, after
+# How the training loop probes (see GradientNoiseProbe below): once per epoch, after
 # the training pass, on PROBE_EXAMPLES random training examples (or all, if fewer) cut into
 # micro-batches of PROBE_SMALL_BATCH_SIZE (of the ghost batch size with ghost batch norm, so the batch
 # statistics are those of training), with the weight penalty in each gradient: their mean squared gradient norm is |G_small|², the
@@ -94,3 +95,101 @@ class NoiseScaleEstimator:
         if not gradient_squared > 0:
             return math.nan
         return self.trace.value / gradient_squared
+
+
+# --- the probe: squared gradient norms during training (TensorFlow, imported when used) ----------
+
+
+class GradientNoiseProbe:
+    """Squared gradient norms at two batch sizes, for :class:`NoiseScaleEstimator`.
+
+    A probe takes a batch of B_big examples, cuts it into micro-batches of ``small_batch_size`` and
+    computes each one's gradient of the mean loss plus the weight penalty (as the train step does, in
+    training mode; with ghost batch norm the micro-batches are ghost batches): the mean of their
+    squared norms is |G_small|², the squared norm of their mean |G_big|². It changes no weight;
+    batch-norm statistics are put back as they were. ``loss`` maps (labels, outputs) to per-example
+    losses; ``inputs`` may be any tensor the model takes (the tests use linear regression).
+    """
+
+    def __init__(self, model, loss, small_batch_size: int):
+        import tensorflow as tf
+
+        self.model = model
+        self.loss = loss
+        self.small_batch_size = int(small_batch_size)
+        self.function = tf.function(self._measure, reduce_retracing=True)
+
+    def _measure(self, inputs, targets):
+        import tensorflow as tf
+
+        variables = self.model.trainable_variables
+        kept = [tf.identity(variable) for variable in self.model.non_trainable_variables]
+        count = tf.shape(targets)[0] // self.small_batch_size
+        total = [tf.zeros(variable.shape, tf.float32) for variable in variables]
+        squared_norms = tf.constant(0.0, tf.float64)
+        for index in tf.range(count):
+            start = index * self.small_batch_size
+            part = slice(start, start + self.small_batch_size)
+            with tf.GradientTape() as tape:
+                outputs = self.model(inputs[part], training=True)
+                mean_loss = tf.reduce_mean(tf.cast(self.loss(targets[part], outputs), tf.float32))
+                if self.model.losses:  # the weight penalty: part of the gradient training follows
+                    mean_loss += tf.cast(tf.add_n(self.model.losses), tf.float32)
+            gradients = [tf.cast(gradient, tf.float32) for gradient in tape.gradient(mean_loss, variables)]
+            squared_norms += tf.cast(tf.add_n([tf.reduce_sum(tf.square(g)) for g in gradients]), tf.float64)
+            total = [t + g for t, g in zip(total, gradients)]
+        for variable, value in zip(self.model.non_trainable_variables, kept):
+            variable.assign(value)
+        count_float = tf.cast(count, tf.float64)
+        big = tf.add_n([tf.reduce_sum(tf.square(t)) for t in total])
+        return squared_norms / count_float, tf.cast(big, tf.float64) / count_float**2
+
+    def __call__(self, inputs, targets) -> tuple[float, float, int, int]:
+        """(|G_small|², |G_big|², B_small, B_big) from the whole micro-batches of this batch."""
+        count = int(targets.shape[0]) // self.small_batch_size
+        if count < 2:
+            raise ValueError(
+                f"a probe needs at least 2 micro-batches of {self.small_batch_size}; received {int(targets.shape[0])} examples."
+            )
+        small, big = self.function(inputs, targets)
+        return float(small), float(big), self.small_batch_size, count * self.small_batch_size
+
+
+class NoiseScaleMeter:
+    """Measures the gradient noise scale once per epoch on random training examples (the sizes above,
+    with the model's own compiled loss) and reports it with its cost."""
+
+    def __init__(self, model, batches):
+        self.batches = batches
+        examples = min(PROBE_EXAMPLES, batches.size)
+        # With ghost batch norm, micro-batches of the ghost size: the batch statistics of training.
+        ghost_sizes = [layer.ghost_batch_size for layer in model.layers if hasattr(layer, "ghost_batch_size")]
+        small = max(ghost_sizes) if ghost_sizes else PROBE_SMALL_BATCH_SIZE
+        self.small_batch_size = min(small, max(1, examples // 2))
+        self.examples = examples // self.small_batch_size * self.small_batch_size
+        self.probe = GradientNoiseProbe(model, model.loss.call, self.small_batch_size)
+        self.estimator = NoiseScaleEstimator()
+
+    def measure(self, epoch: int) -> dict[str, float]:
+        import time
+
+        import numpy as np
+
+        from growing_batch import data
+
+        started = time.perf_counter()
+        order = np.random.default_rng([self.batches.seed, epoch, 7]).permutation(self.batches.size)
+        indices = order[: self.examples].astype(np.int32)
+        # the same augmentation as a training batch would get; seed kept apart from the epoch's batches
+        seed = np.array([self.batches.seed, -(epoch + 1)], np.int64)
+        images, labels = data.gather_batch(self.batches.images, self.batches.labels, indices, seed, self.batches.augment)
+        small, big, small_size, big_size = self.probe(images, labels)
+        result = self.estimator.update(small, big, small_size, big_size)
+        result["gradient_noise_scale_seconds"] = time.perf_counter() - started
+        return result
+
+    def replay(self, rows: list[dict]) -> None:
+        """Feed the estimates a resumed run logged before, so the moving averages continue."""
+        for row in rows:
+            if "gradient_norm_squared" in row and "gradient_variance_trace" in row:
+                self.estimator.add(row["gradient_norm_squared"], row["gradient_variance_trace"])

@@ -335,11 +335,9 @@ def _train_as_worker(config: Config, strategy, splits, schedule, run_id: str | N
         state = checkpoint.restore(config.checkpoint_dir, run_id, model)
     with loop.Interruption() as interruption:
         try:
-            loop.fit(model, batches, loop.ScheduleCallback(schedule, batches), epochs=config.epochs, verbose=0,
-                     max_device_batch_size=config.max_device_batch_size, initial_epoch=state.epoch,
-                     initial_updates=state.updates, initial_examples_seen=state.examples_seen,
-                     interruption=interruption, strategy=strategy,
-                     measure_noise_scale=config.measure_noise_scale, previous_rows=state.rows)
+            trainer = loop.Trainer(model, batches, schedule, max_device_batch_size=config.max_device_batch_size,
+                                   strategy=strategy, measure_noise_scale=config.measure_noise_scale)
+            trainer.fit(state, config.epochs, verbose=0, interruption=interruption)
         except loop.TrainingInterrupted as stop:
             return 128 + getattr(signal, stop.signal_name).value
     return 0
@@ -409,25 +407,12 @@ def _fit_and_finish(config, run_id, model, batches, schedule, evaluation, splits
     from growing_batch import data, loop, tracking
 
     try:
+        trainer = loop.Trainer(model, batches, schedule, evaluation=evaluation,
+                               max_device_batch_size=config.max_device_batch_size, jit_compile=config.jit_compile,
+                               strategy=strategy, measure_noise_scale=config.measure_noise_scale)
         with loop.Interruption() as interruption:
-            history = loop.fit(
-                model,
-                batches,
-                loop.ScheduleCallback(schedule, batches),
-                epochs=config.epochs,
-                evaluation=evaluation,
-                callbacks=[*extra_callbacks, tracker, saver],
-                verbose=verbose,
-                max_device_batch_size=config.max_device_batch_size,
-                jit_compile=config.jit_compile,
-                initial_epoch=state.epoch,
-                initial_updates=state.updates,
-                initial_examples_seen=state.examples_seen,
-                interruption=interruption,
-                strategy=strategy,
-                measure_noise_scale=config.measure_noise_scale,
-                previous_rows=state.rows,
-            )
+            history = trainer.fit(state, config.epochs, callbacks=[*extra_callbacks, tracker, saver], verbose=verbose,
+                                  interruption=interruption)
     except loop.TrainingInterrupted as stop:
         tracker.wait()
         tracking.log_history(run_id, tracker.rows, title)
@@ -441,7 +426,7 @@ def _fit_and_finish(config, run_id, model, batches, schedule, evaluation, splits
             flush=True,
         )
         return 128 + getattr(signal, stop.signal_name).value
-    step = model.train_step_function
+    step = trainer.step
     mlflow.log_metrics({"train_step_traces": step.traces, "xla_compilations": len(step.compiled_shapes)})
     if history.diverged_epoch is not None:
         epoch = history.diverged_epoch
