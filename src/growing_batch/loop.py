@@ -507,7 +507,7 @@ def fit(
     ``initial_examples_seen`` so far; training goes on with epoch ``initial_epoch + 1``, whose shuffle
     and augmentation are those an uninterrupted run would draw.
 
-    Divergence: an epoch whose training loss is NaN or infinite ends training at once — its
+    Divergence: an epoch whose training loss is NaN, infinite or exploded (:func:`loss_diverged`) ends training at once — its
     training metrics and schedule go to ``on_epoch_end`` (no evaluation of the broken weights) and
     the returned history's ``diverged_epoch`` is that epoch (counted from 1), else None.
 
@@ -569,7 +569,7 @@ def fit(
         schedule_callback.on_epoch_end(int(row["epoch"]) - 1, row)
     updates, examples_seen = initial_updates, initial_examples_seen
     epoch_logs: dict = {}
-    diverged_epoch = None
+    diverged_epoch = first_loss = None
     callback_list.on_train_begin()
     for epoch in range(initial_epoch, epochs):
         callback_list.on_epoch_begin(epoch)
@@ -591,8 +591,9 @@ def fit(
             "train_loss": float(train_step.loss_sum.numpy()) / epoch_examples,
             "train_accuracy": int(train_step.correct.numpy()) / epoch_examples,
         }
-        if not math.isfinite(epoch_logs["train_loss"]):
+        if loss_diverged(epoch_logs["train_loss"], previous_rows[0]["train_loss"] if previous_rows else first_loss):
             diverged_epoch = epoch + 1
+        first_loss = epoch_logs["train_loss"] if first_loss is None else first_loss
         if meter is not None and diverged_epoch is None:
             epoch_logs.update(meter.measure(epoch + 1))
         for prefix, dataset in (evaluation or {}).items() if diverged_epoch is None else ():
@@ -614,6 +615,16 @@ def fit(
     callback_list.on_train_end(epoch_logs)
     model.history.diverged_epoch = diverged_epoch
     return model.history
+
+
+# A finite training loss over this many times the first epoch's has exploded: the run counts as diverged.
+EXPLODED_LOSS_FACTOR = 100
+
+
+def loss_diverged(loss: float, first_loss: float | None) -> bool:
+    """NaN or infinite, or exploded: over EXPLODED_LOSS_FACTOR x the first epoch's loss, or x ln 100
+    (the cross-entropy at chance of up to 100 classes) where that is larger or there is no first epoch yet."""
+    return not math.isfinite(loss) or loss > EXPLODED_LOSS_FACTOR * max(first_loss or 0.0, math.log(100))
 
 
 class TrainingInterrupted(Exception):
