@@ -6,7 +6,7 @@
 In one process, on the same data (random CIFAR-shaped images, the reproduction's CNN), it measures
 and prints:
 
-1. ``fit_ratio``: examples/second of ``growing_batch.loop.fit`` over plain ``model.fit`` at a fixed
+1. ``fit_ratio``: examples/second of the loop (``growing_batch.loop.Trainer``) over plain ``model.fit`` at a fixed
    batch size, for B = 128, 1,024, 4,096 and the largest that fits (here: the whole training set),
    the median of several epochs, alternating between the two. One epoch is the same work for both: a
    training pass over the training set and an evaluation of the test set (``validation_data`` for
@@ -30,6 +30,7 @@ and prints:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -167,7 +168,7 @@ def alternate(first: _EpochTimer, second: _EpochTimer, repetitions: int) -> tupl
 
 
 def time_side_by_side(splits, batch_size: int, repetitions: int) -> tuple[list[float], list[float]]:
-    """Epoch seconds of growing_batch.loop.fit and of plain model.fit, alternating epoch by epoch.
+    """Epoch seconds of the loop (growing_batch.loop.Trainer) and of plain model.fit, alternating epoch by epoch.
 
     An epoch is the same work for both: a training pass and an evaluation of the test set
     (``validation_data`` for ``fit``, at its batch size; the loop evaluates at 4,096).
@@ -203,6 +204,25 @@ def count_traces(epochs: int) -> dict:
     return {"train_step_traces": trainer.step.traces, "distinct_batch_sizes": len(set(sizes))}
 
 
+@contextlib.contextmanager
+def _outside_the_run():
+    """Hide the run of ``mlflow run`` (``MLFLOW_RUN_ID``, ``MLFLOW_EXPERIMENT_ID``) while a block starts
+    its own run in another store (``mlflow.start_run`` would otherwise look for that run there), and
+    give the tracking URI back afterwards (``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI``)."""
+    import mlflow
+
+    names = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_TRACKING_URI")
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    uri = saved.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(uri)
+        for name in names:
+            os.environ.pop(name, None)
+        os.environ.update(saved)
+
+
 def logging_fraction(splits, epochs: int) -> dict:
     """The tracking callback's share of the epoch time, against a temporary sqlite store."""
     import functools
@@ -211,7 +231,7 @@ def logging_fraction(splits, epochs: int) -> dict:
 
     from growing_batch import data, loop, schedules, tracking
 
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, _outside_the_run():
         mlflow.set_tracking_uri(f"sqlite:///{folder}/mlflow.db")
         experiment = mlflow.create_experiment("bench", artifact_location=os.path.join(folder, "artifacts"))
         with mlflow.start_run(experiment_id=experiment) as run:
@@ -222,7 +242,6 @@ def logging_fraction(splits, epochs: int) -> dict:
             trainer = loop.Trainer(model, batches, schedule, evaluation={"test": data.evaluation_batches(splits.test)})
             history = trainer.fit(epochs=epochs, callbacks=[callback], verbose=0)
             callback.wait()
-        mlflow.set_tracking_uri(None)
     epoch_seconds = sum(history.history["epoch_seconds"])
     return {"logging_seconds_per_epoch": callback.logging_seconds / epochs,
             "logging_fraction": callback.logging_seconds / epoch_seconds}
@@ -314,7 +333,26 @@ def run(quick: bool) -> dict:
     results.update(logging_fraction(splits, settings["logging_epochs"]))
     results["noise_scale_cost"] = noise_scale_cost(splits, settings["repetitions"])
     results["quick_comparison"] = quick_comparison(settings)
+    results["targets"] = targets(results)
     return results
+
+
+def targets(results: dict) -> dict:
+    """The bench's own targets, each with its measured value and whether it is ``met``.
+
+    The noise-scale measurement's cost is judged only in the full version: its probe is a fixed
+    1,024 examples, so against the quick version's 8,192-example epoch it is a larger share than
+    against a real epoch (45,000 examples), and ``met`` is None there.
+    """
+    noise = results["noise_scale_cost"]["fraction"]
+    return {
+        "train_step_traces": {"value": results["train_step_traces"], "target": "== 1",
+                              "met": results["train_step_traces"] == 1},
+        "logging_fraction": {"value": results["logging_fraction"], "target": "< 0.01",
+                             "met": results["logging_fraction"] < 0.01},
+        "noise_scale_cost": {"value": noise, "target": "< 0.05",
+                             "met": None if results["quick"] else noise < 0.05},
+    }
 
 
 def format_results(results: dict) -> str:
@@ -339,6 +377,9 @@ def format_results(results: dict) -> str:
     cost = results["noise_scale_cost"]
     lines.append(f"gradient noise scale measurement ({cost['probe_examples']:,} examples): {cost['probe_seconds']:.3f} s "
                  f"per epoch, {100 * cost['fraction']:.1f} % of an epoch at B={cost['batch_size']}")
+    for name, target in results.get("targets", {}).items():
+        verdict = {True: "met", False: "NOT met", None: "not judged in the quick version"}[target["met"]]
+        lines.append(f"target {name} {target['target']}: {target['value']:.4g}, {verdict}")
     comparison = results["quick_comparison"]
     for name in ("lr-decay", "noise-matched"):
         result = comparison[name]
@@ -356,6 +397,7 @@ def main(argv=None) -> int:
     try:
         arguments = parser.parse_args(argv)
         quick = _parse_bool(arguments.quick)
+        _check_writable(arguments.output)
     except ValueError as error:
         return exit_with_error(str(error))
     started = time.perf_counter()
@@ -373,6 +415,23 @@ def main(argv=None) -> int:
     except Exception as error:  # the file is written; the artifact is a convenience
         print(f"warning: could not log {arguments.output} to MLflow: {error}", file=sys.stderr)
     return 0
+
+
+def _check_writable(output: str) -> None:
+    """Refuse an ``output`` that cannot be written, before minutes of benchmarking (nothing is left behind)."""
+    from growing_batch.config import ConfigError
+
+    existed = os.path.exists(output)
+    try:
+        if os.path.isdir(output):
+            raise IsADirectoryError("it is a folder")
+        with open(output, "a"):
+            pass
+        if not existed:
+            os.remove(output)
+    except OSError as error:
+        raise ConfigError(f"output={output!r} is not allowed: expected a file path that can be written "
+                          f"({getattr(error, 'strerror', None) or error}).") from None
 
 
 def _parse_bool(text: str) -> bool:

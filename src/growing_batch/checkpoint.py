@@ -19,6 +19,7 @@ second process resuming the same run at the same time is refused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -34,6 +35,36 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used (missing, unreadable, or of another configuration). One line."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written (a full disk, say); the previous one is kept. One line."""
+
+
+def writable_problem(checkpoint_dir: str) -> str | None:
+    """Why ``checkpoint_dir`` cannot be created or written (one phrase), or None. Folders it had to
+    create for the test are removed again; nothing is left behind."""
+    folder = os.path.abspath(checkpoint_dir)
+    missing = []
+    parent = folder
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    probe = os.path.join(folder, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "wb") as handle:
+            handle.write(b"0")
+        os.remove(probe)
+    except OSError as error:
+        return f"{error.strerror or error} ({error.filename or folder})"
+    finally:
+        for created in missing:  # deepest first
+            try:
+                os.rmdir(created)
+            except OSError:
+                break
+    return None
 
 
 @dataclasses.dataclass
@@ -66,18 +97,39 @@ def _variables(model) -> list[tuple[str, object]]:
 
 
 def save(checkpoint_dir: str, run_id: str, model, state: State) -> str:
-    """Write the checkpoint atomically; returns its path."""
+    """Write the checkpoint atomically; returns its path.
+
+    If writing fails (a full disk, say), the half-written file is removed, the previous checkpoint is
+    kept and CheckpointSaveError says so in one line.
+    """
     target = path(checkpoint_dir, run_id)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
     arrays = {name: np.asarray(variable.numpy()) for name, variable in _variables(model)}
     text = json.dumps({"version": FORMAT_VERSION, **dataclasses.asdict(state)})
     partial = target + ".partial"
-    with open(partial, "wb") as handle:
-        np.savez(handle, __state__=np.array(text), **arrays)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, target)
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(partial, "wb") as handle:
+            np.savez(handle, __state__=np.array(text), **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, target)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        kept = f"the checkpoint of epoch {_saved_epoch(target)} is kept" if os.path.isfile(target) else "no earlier checkpoint exists"
+        raise CheckpointSaveError(
+            f"checkpoint {target} could not be saved after epoch {state.epoch} ({error.strerror or error}); the "
+            f"partial file was removed and {kept}: free the space (or move the folder and pass its new "
+            f"checkpoint_dir), then resume the run"
+        ) from None
     return target
+
+
+def _saved_epoch(file: str) -> str:
+    try:
+        return str(_read(file)[0].epoch)
+    except CheckpointError:
+        return "?"
 
 
 def load_state(checkpoint_dir: str, run_id: str) -> State:

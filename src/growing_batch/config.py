@@ -162,7 +162,12 @@ def _parse_bool(name: str, text: str) -> bool:
 
 
 def _parse_milestones(name: str, text: str) -> tuple[int, ...]:
-    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not text.strip():
+        return ()
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):  # "60,,120" or "60,": a milestone left out, not to be guessed
+        raise ConfigError(f"{name}={text!r} is not allowed: expected comma-separated whole numbers with none empty, "
+                          "e.g. 60,120,160.")
     return tuple(parse_whole_number(name, part) for part in parts)
 
 
@@ -287,7 +292,7 @@ def validate(config: Config) -> Config:
         config.max_device_batch_size,
         f"a multiple of ghost_batch_size ({config.ghost_batch_size}), so that no ghost batch straddles two micro-batches",
     )
-    _require(config.seed >= 0, "seed", config.seed, "a whole number >= 0")
+    _require(0 <= config.seed < 2**32, "seed", config.seed, f"a whole number from 0 to {2**32 - 1} (NumPy's seeds)")
     _require(
         config.validation_size >= 0, "validation_size", config.validation_size, "a whole number >= 0"
     )
@@ -317,6 +322,13 @@ def validate(config: Config) -> Config:
         "auto or a whole number >= 1",
     )
     _require(
+        config.devices == "auto" or int(config.devices) <= machine_cores(),
+        "devices",
+        config.devices,
+        f"auto or at most this machine's {machine_cores()} CPU cores (logical CPU devices beyond them only "
+        "slow training; GPUs: at most those visible)",
+    )
+    _require(
         not config.jit_compile or config.devices in ("auto", "1"),
         "jit_compile",
         config.jit_compile,
@@ -329,6 +341,26 @@ def validate(config: Config) -> Config:
         "a folder path (created if missing), not a file",
     )
     return config
+
+
+def machine_cores() -> int:
+    """The CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def warnings_for(config: Config) -> list[str]:
+    """Allowed but probably unintended settings, one line each (printed as ``warning: ...``)."""
+    warnings = []
+    late = [milestone for milestone in config.milestones if milestone >= config.epochs]
+    if config.schedule in MILESTONE_SCHEDULES and late:
+        warnings.append(
+            f"milestones={format_value(config.milestones)!r}: {format_value(tuple(late))} at or after the last epoch "
+            f"(epochs={config.epochs}) never take effect"
+        )
+    return warnings
 
 
 def validate_against_data(config: Config, train_size: int) -> None:

@@ -102,12 +102,46 @@ def read_idx(path: str) -> np.ndarray:
         raise DataError(f"corrupt or truncated IDX file {path}: {error}") from None
 
 
+# What a CIFAR batch pickle may name: NumPy's array and scalar reconstructors (every NumPy version's
+# module name) and bytes as Python 3 writes them in protocol 2. Dicts, lists, bytes, strings and
+# numbers need no name. Anything else (os.system, builtins.eval, ...) is refused before it is called.
+_CIFAR_PICKLE_NAMES = {
+    *((module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray") for name in ("_reconstruct", "scalar")),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+_CIFAR_FOLDERS = ("cifar-10-batches-py", "cifar-100-python")
+
+
+class UntrustedPickle(pickle.UnpicklingError):
+    """A pickle names something a CIFAR batch does not hold."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Loads only what a CIFAR batch holds: dicts, lists, bytes, strings, numbers and NumPy arrays."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_PICKLE_NAMES:
+            raise UntrustedPickle(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def _read_pickle(path: str) -> dict:
+    """A CIFAR batch file, read with a restricted unpickler: a crafted file cannot run code."""
     try:
         with open(path, "rb") as handle:
-            return pickle.load(handle, encoding="bytes")
+            return _CifarUnpickler(handle, encoding="bytes").load()
     except FileNotFoundError:
         raise DataError(f"missing data file {path}") from None
+    except UntrustedPickle as error:
+        folder = os.path.dirname(path)  # data_dir, or its cifar-10-batches-py/ or cifar-100-python/
+        data_dir = os.path.dirname(folder) if os.path.basename(folder) in _CIFAR_FOLDERS else folder
+        raise DataError(
+            f"data_dir={data_dir!r} is not allowed: expected CIFAR batches that hold "
+            f"only dicts, lists, bytes, strings, numbers and NumPy arrays, but {path} names {error} (refused, not run)"
+        ) from None
     except Exception as error:  # a truncated pickle raises EOFError, UnpicklingError, ...
         raise DataError(
             f"corrupt or truncated CIFAR batch file {path}: {type(error).__name__}: {error}"
@@ -119,7 +153,7 @@ def _cifar_batch(path: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     try:
         images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(batch[label_key], dtype=np.int32)
-    except (KeyError, ValueError, TypeError) as error:
+    except (KeyError, ValueError, TypeError, IndexError) as error:
         raise DataError(f"corrupt CIFAR batch file {path}: {type(error).__name__}: {error}") from None
     if len(images) != len(labels):
         raise DataError(f"corrupt CIFAR batch file {path}: {len(images)} images, {len(labels)} labels")
@@ -162,6 +196,12 @@ def read_local(name: str, data_dir: str) -> tuple[tuple[np.ndarray, np.ndarray],
         return (x_train, y_train), (x_test, y_test)
     if name == "cifar100":
         folder = _find_folder(data_dir, "cifar-100-python")
+        missing = [name for name in ("train", "test") if not os.path.isfile(os.path.join(folder, name))]
+        if missing:
+            raise DataError(
+                f"missing data file(s) {', '.join(missing)} in {folder} (cifar100 expects the folder "
+                "cifar-100-python/ with train and test, as in cifar-100-python.tar.gz, in data_dir or as data_dir)"
+            )
         train = _cifar_batch(os.path.join(folder, "train"), b"fine_labels")
         test = _cifar_batch(os.path.join(folder, "test"), b"fine_labels")
         return train, test

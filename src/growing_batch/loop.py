@@ -369,7 +369,8 @@ class Trainer:
         (``examples_seen`` − epochs · N); ``state.rows`` continue the noise scale's smoothing and
         the measurements an adaptive schedule follows.
 
-        Divergence: an epoch whose training loss is NaN or infinite ends training at once — its
+        Divergence: an epoch whose training loss is NaN, infinite or exploded (:func:`loss_diverged`)
+        ends training at once — its
         training metrics and schedule go to ``on_epoch_end`` (no evaluation of the broken weights)
         and the returned history's ``diverged_epoch`` is that epoch, else None.
 
@@ -398,6 +399,7 @@ class Trainer:
         updates, examples_seen = state.updates, state.examples_seen
         epoch_logs: dict = {}
         diverged_epoch = None
+        first_loss = state.rows[0]["train_loss"] if state.rows else None
         callback_list.on_train_begin()
         for epoch in range(state.epoch, epochs):
             callback_list.on_epoch_begin(epoch)
@@ -421,8 +423,9 @@ class Trainer:
                 "train_loss": float(step.loss_sum.numpy()) / epoch_examples,
                 "train_accuracy": int(step.correct.numpy()) / epoch_examples,
             }
-            if not math.isfinite(epoch_logs["train_loss"]):
+            if loss_diverged(epoch_logs["train_loss"], first_loss):
                 diverged_epoch = epoch + 1
+            first_loss = epoch_logs["train_loss"] if first_loss is None else first_loss
             if self.noise_meter is not None and diverged_epoch is None:
                 epoch_logs.update(self.noise_meter.measure(epoch + 1))
             for prefix, dataset in self.evaluation.items() if diverged_epoch is None else ():
@@ -437,6 +440,16 @@ class Trainer:
         callback_list.on_train_end(epoch_logs)
         model.history.diverged_epoch = diverged_epoch
         return model.history
+
+
+# A finite training loss over this many times the first epoch's has exploded: the run counts as diverged.
+EXPLODED_LOSS_FACTOR = 100
+
+
+def loss_diverged(loss: float, first_loss: float | None) -> bool:
+    """NaN or infinite, or exploded: over EXPLODED_LOSS_FACTOR x the first epoch's loss, or x ln 100
+    (the cross-entropy at chance of up to 100 classes) where that is larger or there is no first epoch yet."""
+    return not math.isfinite(loss) or loss > EXPLODED_LOSS_FACTOR * max(first_loss or 0.0, math.log(100))
 
 
 class TrainingInterrupted(Exception):
@@ -493,7 +506,7 @@ class CheckpointCallback(keras.callbacks.Callback):
     """Saves the run's checkpoint (:mod:`growing_batch.checkpoint`) at the end of every epoch.
 
     ``state`` holds what was done before (empty for a new run); each epoch adds its logged numbers.
-    An epoch whose training loss is not finite is not saved: the last good epoch's checkpoint stays.
+    A diverged epoch (:func:`loss_diverged`) is not saved: the last good epoch's checkpoint stays.
     """
 
     def __init__(self, checkpoint_dir: str, run_id: str, state: checkpoint.State):
@@ -504,7 +517,8 @@ class CheckpointCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         numbers = epoch_numbers(logs)
-        if not math.isfinite(numbers.get("train_loss", math.nan)):
+        first_loss = self.state.rows[0]["train_loss"] if self.state.rows else None
+        if loss_diverged(numbers.get("train_loss", math.nan), first_loss):
             return
         self.state.epoch = epoch + 1
         self.state.updates = int(numbers["updates"])

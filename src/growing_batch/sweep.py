@@ -35,7 +35,7 @@ import mlflow
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from growing_batch import checkpoint
+from growing_batch import checkpoint, train
 from growing_batch import config as config_module
 from growing_batch.config import ConfigError
 from growing_batch.errors import exit_with_error
@@ -242,6 +242,9 @@ def sweep(experiment: str, seeds: int, workers: int, overrides: dict[str, str], 
         raise ConfigError(f"workers='{workers}' is not allowed: expected a whole number >= 1.")
     index, count = parse_shard(shard)
     planned, children = children, children[index::count]
+    train.check_tracking_store()  # a server that does not answer, a store that cannot be opened: before any work
+    for folder in sorted({child.checkpoint_dir for child in children}):
+        train.check_checkpoint_dir(folder)
     client = MlflowClient()
     client.search_experiments(max_results=1)  # create or migrate the store once, before any fan-out
     key = sweep_key(experiment, seeds, overrides)
@@ -346,6 +349,8 @@ def main(argv=None) -> int:
         workers = config_module.parse_whole_number("workers", arguments.workers)
         overrides = {name: getattr(arguments, name) for name in OVERRIDES}
         return sweep(arguments.experiment, seeds, workers, overrides, arguments.shard)
+    except train.StoreUnreachable as error:  # nothing can be recorded there
+        return exit_with_error(str(error), mark_run=False)
     except ConfigError as error:
         return exit_with_error(str(error))
 

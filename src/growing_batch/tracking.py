@@ -16,6 +16,15 @@ What a run holds:
 * inputs — the train, validation and test splits as MLflow datasets;
 * artifacts — ``config.json``, ``history.csv``, ``schedule.png``, ``training_curves.png`` and the
   trained model (``model``, MLflow's Keras flavour, with a signature).
+
+Run statuses under ``mlflow run`` (:func:`keep_status_after_mlflow_run`): MLflow 3.17.2's ``mlflow
+run`` marks its run FAILED after any non-zero exit (FINISHED after exit 0) even when the script has
+ended the run itself — ``_maybe_set_run_terminated`` passes the status string to
+``RunStatus.is_terminated``, which expects an int. Where that would change what the script left (an
+interrupted run ended KILLED; a refused resume, which must leave the run as it was), the script starts
+a small detached process that waits for ``mlflow run`` to exit and then writes back the status (and
+end time) the script left. An interrupted run also has the tag ``interrupted`` (the signal and the
+epoch), which stays even if that write-back cannot happen; a resume removes it.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import csv
 import io
 import os
 import subprocess
+import sys
 import time
 import warnings
 
@@ -41,6 +51,76 @@ from growing_batch.metrics import EPOCH_METRICS, NOISE_METRICS, epoch_numbers
 # Seconds between system-metric samples, unless MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise.
 SYSTEM_METRICS_INTERVAL_SECONDS = 5
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# Seconds the detached process waits for `mlflow run` to exit before it writes the status back anyway.
+MLFLOW_RUN_WAIT_SECONDS = 300
+INTERRUPTED_TAG = "interrupted"
+
+
+def _is_mlflow_run(command_line: list[str]) -> bool:
+    """``mlflow run ...`` or ``python -m mlflow run ...`` (or ``python .../bin/mlflow run ...``)."""
+    return any(os.path.basename(part) == "mlflow" and following == "run"
+               for part, following in zip(command_line, command_line[1:]))
+
+
+def mlflow_run_process(run_id: str):
+    """The ``mlflow run`` process that will mark ``run_id`` terminated once this process exits, else None.
+
+    That is the nearest ``mlflow run`` ancestor whose command (its child on the way to this process)
+    got ``MLFLOW_RUN_ID`` = ``run_id``: a sweep's children, whose runs are not that of the ``mlflow run``
+    above the sweep, are not under its control.
+    """
+    import psutil
+
+    try:
+        chain = [psutil.Process(), *psutil.Process().parents()]
+        for child, parent in zip(chain, chain[1:]):
+            if _is_mlflow_run(parent.cmdline()):
+                return parent if child.environ().get("MLFLOW_RUN_ID") == run_id else None
+    except psutil.Error:
+        return None
+    return None
+
+
+# The detached process: wait for `mlflow run` (pid, start time) to exit, then write the status back if
+# `mlflow run` replaced it by FAILED (what it writes after a non-zero exit). Only MLflow and psutil: it starts in a second or so.
+_WRITE_BACK = """
+import sys, psutil
+from mlflow.tracking import MlflowClient
+run_id, status, end_time, pid, started, wait = sys.argv[1:7]
+try:
+    process = psutil.Process(int(pid))
+    if abs(process.create_time() - float(started)) < 1e-3:
+        process.wait(timeout=float(wait))
+except (psutil.Error, psutil.TimeoutExpired):
+    pass
+client = MlflowClient()
+info = client.get_run(run_id).info
+if info.status == "FAILED" and (info.status, str(info.end_time)) != (status, end_time):
+    if status == "RUNNING":
+        client.update_run(run_id, status="RUNNING")  # MLflow cannot clear an end time
+    else:
+        client.set_terminated(run_id, status, end_time=int(end_time))
+"""
+
+
+def keep_status_after_mlflow_run(run_id: str | None) -> None:
+    """Under ``mlflow run`` for ``run_id``: have the run keep the status and end time it has now once
+    ``mlflow run`` has exited (see the module); elsewhere nothing. Never raises."""
+    process = mlflow_run_process(run_id) if run_id else None
+    if process is None:
+        return
+    try:
+        info = MlflowClient().get_run(run_id).info
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITE_BACK, run_id, info.status, str(info.end_time), str(process.pid),
+             repr(process.create_time()), str(MLFLOW_RUN_WAIT_SECONDS)],
+            env=dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri()), start_new_session=True,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+        )
+    except Exception as error:  # the store may be what failed; the tag `interrupted` still tells
+        print(f"warning: run {run_id} may show the status `mlflow run` sets, FAILED ({error})", file=sys.stderr)
 
 
 def _number(value: float) -> str:
@@ -140,7 +220,9 @@ def log_config_params(run_id: str, config: Config, given: dict[str, str]) -> Non
     to ``resolved.<field>``: compare runs on those.
     """
     existing = MlflowClient().get_run(run_id).data.params
-    params = {f"resolved.{name}": text for name, text in config.to_params().items()}
+    # a resumed run has them already (equal, but for a checkpoint_dir the user moved: the first stays)
+    params = {f"resolved.{name}": text for name, text in config.to_params().items()
+              if f"resolved.{name}" not in existing}
     for name in config.to_params():
         if name not in existing:
             params[name] = str(given.get(name, ""))

@@ -49,11 +49,16 @@ SERVER_CHECK_TIMEOUT_SECONDS = 10
 
 
 class Refused(ConfigError):
-    """Bad input that leaves the run as it was: a refused resume, a tracking server that does not answer."""
+    """Bad input that leaves the run as it was: a refused resume, a tracking store that does not answer."""
+
+
+class StoreUnreachable(Refused):
+    """The tracking store does not answer or cannot be opened: nothing can be recorded in it."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    resuming = False
     try:
         argv, run_id = _pop_run_id(argv)
         given = config_module.command_line_values(argv)
@@ -65,12 +70,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_tracking_store()
         values = given
         if run_id and chief:  # continuing a run: its own parameters, unless given (then they must agree)
-            values = {**_resolved_params(run_id, required=not given), **config_module.given_texts(given)}
+            resolved = _resolved_params(run_id, required=not given)
+            resuming = bool(resolved)
+            values = {**resolved, **config_module.given_texts(given)}
         config = config_module.from_strings(values)
-    except Refused as error:
+        if chief:
+            check_checkpoint_dir(config.checkpoint_dir)
+            for warning in config_module.warnings_for(config):
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
+    except StoreUnreachable as error:
         return exit_with_error(str(error), mark_run=False)
+    except Refused as error:
+        return _refuse(error)
     except ConfigError as error:
-        return exit_with_error(str(error))
+        return _refuse(error) if resuming else exit_with_error(str(error))
     from growing_batch.data import DataError
 
     try:
@@ -78,9 +91,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreLost as error:
         return exit_with_error(str(error), exit_code=1, mark_run=False)
     except Refused as error:
-        return exit_with_error(str(error), mark_run=False)
+        return _refuse(error)
+    except checkpoint.CheckpointSaveError as error:
+        return exit_with_error(str(error), exit_code=1)
     except (ConfigError, DataError, CheckpointError) as error:
         return exit_with_error(str(error))
+
+
+def _refuse(error: Exception) -> int:
+    """A refused resume: one line, exit 2, and the run left as it was — also once `mlflow run` has
+    exited, which would otherwise mark it FAILED (growing_batch.tracking.keep_status_after_mlflow_run)."""
+    status = exit_with_error(str(error), mark_run=False)
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        from growing_batch import tracking
+
+        tracking.keep_status_after_mlflow_run(run_id)
+    return status
+
+
+def check_checkpoint_dir(folder: str) -> None:
+    """Refuse a ``checkpoint_dir`` that cannot be created or written, before any data is loaded."""
+    problem = checkpoint.writable_problem(folder)
+    if problem:
+        raise ConfigError(
+            f"checkpoint_dir={folder!r} is not allowed: expected a folder that can be created and written, "
+            f"but {problem}."
+        )
 
 
 def _pop_run_id(argv: list[str]) -> tuple[list[str], str]:
@@ -116,15 +153,38 @@ def _store_answers() -> bool:
 
 
 def check_tracking_store() -> None:
-    """Fail fast, before any data is loaded, when an HTTP tracking server does not answer."""
+    """Fail fast, before any data is loaded, when the tracking store does not answer (an HTTP server)
+    or cannot be opened (a sqlite file that cannot be created, an unknown scheme, a missing driver)."""
     import mlflow
 
     uri = mlflow.get_tracking_uri()
     reason = _server_problem()
     if reason is not None:
-        raise Refused(
+        raise StoreUnreachable(
             f"MLFLOW_TRACKING_URI={uri!r} is not allowed: expected a tracking server that answers, but it "
             f"does not ({reason}); start it (mlflow server ...) or set MLFLOW_TRACKING_URI to another store."
+        ) from None
+    if uri.startswith(("http://", "https://")):
+        return
+    try:
+        if uri.startswith("sqlite:"):  # opened later, under a lock (growing_batch.tracking.prepare_store)
+            from sqlalchemy.engine.url import make_url
+
+            database = make_url(uri).database
+            if database and database != ":memory:":
+                folder = os.path.dirname(os.path.abspath(database))
+                os.makedirs(folder, exist_ok=True)  # as MLflow would
+                if not os.access(folder, os.W_OK):
+                    raise PermissionError(f"the folder {folder} cannot be written")
+        else:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient().search_experiments(max_results=1)
+    except Exception as error:  # MlflowException, an OSError, a missing database driver, ...
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise StoreUnreachable(
+            f"MLFLOW_TRACKING_URI={uri!r} is not allowed: expected a tracking store MLflow can open, but it "
+            f"cannot ({type(error).__name__}: {first_line}); e.g. sqlite:///mlflow.db or http://host:5000."
         ) from None
 
 
@@ -155,6 +215,14 @@ def _resolved_params(run_id: str, required: bool) -> dict[str, str]:
     return resolved
 
 
+# Fields a resume may change: the user may move a run's checkpoint folder (its params keep the first).
+MOVABLE = ("checkpoint_dir",)
+
+
+def _without_movable(values: dict) -> dict:
+    return {name: value for name, value in values.items() if name not in MOVABLE}
+
+
 def plan_resume(config: Config, run_id: str | None) -> checkpoint.State | None:
     """What the run ``run_id`` (if any) allows: None to start it afresh, else its checkpoint's state.
 
@@ -167,7 +235,7 @@ def plan_resume(config: Config, run_id: str | None) -> checkpoint.State | None:
     resume_hint = "resume with the run's own parameters (or `python -m growing_batch.train --run_id ID` alone)"
     for name, text in config.to_params().items():
         previous = params.get(f"resolved.{name}")
-        if previous is not None and previous != text:
+        if previous is not None and previous != text and name not in MOVABLE:
             raise Refused(
                 f"{name}={text!r} is not allowed: run {run_id} was trained with {name}={previous!r}; {resume_hint}."
             )
@@ -180,7 +248,7 @@ def plan_resume(config: Config, run_id: str | None) -> checkpoint.State | None:
         )
     if checkpoint.exists(config.checkpoint_dir, run_id):
         state = checkpoint.load_state(config.checkpoint_dir, run_id)
-        if state.config != config.to_dict():
+        if _without_movable(state.config) != _without_movable(config.to_dict()):
             raise Refused(
                 f"run_id={run_id!r} is not allowed: its checkpoint "
                 f"{checkpoint.path(config.checkpoint_dir, run_id)} is of another configuration; {resume_hint}."
@@ -203,25 +271,26 @@ def train(config: Config, extra_callbacks: Sequence = (), verbose: int = 1, give
     """
     from growing_batch import data, schedules
 
-    strategy = distribute.make_strategy(config.devices)  # first: logical devices need a fresh runtime
-    replicas = distribute.replica_count(strategy)
-    if config.jit_compile and replicas > 1:
-        raise ConfigError(f"jit_compile='true' is not allowed: expected false with {replicas} replicas (devices).")
     run_id = os.environ.get("MLFLOW_RUN_ID") or None
-    splits = data.load(
-        config.dataset, config.data_dir, config.validation_size, config.seed, config.max_examples
-    )
-    train_size = len(splits.train)
-    config_module.validate_against_data(config, train_size)
-    max_batch_size = schedules.resolve_max_batch_size(config.max_batch_size, train_size)
-    schedule = schedules.build_schedule(config, train_size)
-    if not distribute.is_chief():
-        return _train_as_worker(config, strategy, splits, schedule, run_id)
-
+    chief = distribute.is_chief()
     with contextlib.ExitStack() as stack:
-        if run_id:  # an existing run: no other process may train it meanwhile
+        resume_state = None
+        if run_id and chief:  # an existing run: no other process may train it meanwhile; refused before any work
             stack.enter_context(_lock(config, run_id))
-        resume_state = plan_resume(config, run_id)
+            resume_state = plan_resume(config, run_id)
+        strategy = distribute.make_strategy(config.devices)  # before TensorFlow's runtime starts
+        replicas = distribute.replica_count(strategy)
+        if config.jit_compile and replicas > 1:
+            raise ConfigError(f"jit_compile='true' is not allowed: expected false with {replicas} replicas (devices).")
+        splits = data.load(
+            config.dataset, config.data_dir, config.validation_size, config.seed, config.max_examples
+        )
+        train_size = len(splits.train)
+        config_module.validate_against_data(config, train_size)
+        max_batch_size = schedules.resolve_max_batch_size(config.max_batch_size, train_size)
+        schedule = schedules.build_schedule(config, train_size)
+        if not chief:
+            return _train_as_worker(config, strategy, splits, schedule, run_id)
 
         import mlflow
 
@@ -241,10 +310,14 @@ def train(config: Config, extra_callbacks: Sequence = (), verbose: int = 1, give
             raise
         except KeyboardInterrupt:  # a second Ctrl-C: quit at once, the last checkpoint stays
             if mlflow.active_run():
+                mlflow.set_tag(tracking.INTERRUPTED_TAG, "SIGINT twice")
                 mlflow.end_run("KILLED")
+                tracking.keep_status_after_mlflow_run(run_id)
             raise
-        except BaseException:
+        except BaseException as error:
             if mlflow.active_run():
+                if isinstance(error, (ConfigError, CheckpointError, data.DataError)):
+                    mlflow.set_tag("error", " ".join(str(error).split())[:5000])
                 mlflow.end_run("FAILED")
             raise
 
@@ -381,6 +454,10 @@ def _train_in_run(config, run_id, resume_state, model, batches, schedule, evalua
         logged = tracking.logged_steps(run_id)
         filled = tracking.backfill(run_id, state.rows, logged)
         mlflow.set_tag("resumed_from_epoch", str(state.epoch))
+        if tracking.INTERRUPTED_TAG in mlflow.get_run(run_id).data.tags:  # it is running again
+            mlflow.delete_tag(tracking.INTERRUPTED_TAG)
+        if mlflow.get_run(run_id).data.params.get("resolved.checkpoint_dir") != config.checkpoint_dir:
+            mlflow.set_tag("checkpoint_dir", config.checkpoint_dir)  # moved there by the user
         print(
             f"run {run_id} ({title}): resuming after epoch {state.epoch} of {config.epochs} from "
             f"{checkpoint.path(config.checkpoint_dir, run_id)}"
@@ -416,8 +493,9 @@ def _fit_and_finish(config, run_id, model, batches, schedule, evaluation, splits
     except loop.TrainingInterrupted as stop:
         tracker.wait()
         tracking.log_history(run_id, tracker.rows, title)
-        mlflow.set_tag("interrupted", f"{stop.signal_name} during epoch {stop.epoch}")
+        mlflow.set_tag(tracking.INTERRUPTED_TAG, f"{stop.signal_name} during epoch {stop.epoch}")
         mlflow.end_run("KILLED")
+        tracking.keep_status_after_mlflow_run(run_id)
         done = f"epochs 1-{stop.epoch - 1} are logged and checkpointed" if stop.epoch > 1 else "no epoch was finished"
         print(
             f"run {run_id} interrupted by {stop.signal_name} during epoch {stop.epoch}: {done}; the run is KILLED. "
