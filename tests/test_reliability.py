@@ -63,8 +63,12 @@ def test_a_checkpoint_restores_weights_and_optimizer_state(tmp_path):
         step(batches.images, batches.labels)
     state = checkpoint.State(config={"seed": 0}, epoch=3, updates=3, examples_seen=192, rows=[{"epoch": 3, "a": 1.5}])
     saved = checkpoint.save(str(tmp_path), "run1", trained, state)
-    assert saved == os.path.join(str(tmp_path), "run1", "checkpoint.npz")
-    assert not os.path.exists(saved + ".partial")
+    assert saved == os.path.join(str(tmp_path), "run1", "state.json")
+    assert sorted(os.listdir(os.path.join(str(tmp_path), "run1"))) == ["epoch-0003.weights.h5", "state.json"]
+    import h5py  # Keras' own weights format: variables stored under their layers' paths
+
+    with h5py.File(os.path.join(str(tmp_path), "run1", "epoch-0003.weights.h5")) as weights:
+        assert {"conv2d", "conv2d_1", "dense", "dense_1"} <= set(weights["layers"]) and "optimizer" in weights
     fresh = small_model()
     assert checkpoint.restore(str(tmp_path), "run1", fresh) == state
     for a, b in zip(trained.variables + trained.optimizer.variables, fresh.variables + fresh.optimizer.variables):
@@ -80,12 +84,18 @@ def test_a_checkpoint_restores_weights_and_optimizer_state(tmp_path):
 def test_a_damaged_or_foreign_checkpoint_is_refused_with_one_line(tmp_path):
     folder = tmp_path / "run1"
     folder.mkdir()
-    (folder / "checkpoint.npz").write_bytes(b"PK\x03\x04 truncated")
+    (folder / "state.json").write_text('{"version": 2, "weights": "epoch-0001.weig')
     with pytest.raises(checkpoint.CheckpointError, match="cannot be read .* delete it to start the run afresh"):
         checkpoint.restore(str(tmp_path), "run1", small_model())
     checkpoint.save(str(tmp_path), "run2", small_model(momentum=0.0), checkpoint.State(config={}))
-    with pytest.raises(checkpoint.CheckpointError, match="holds the variables of another model"):
+    with pytest.raises(checkpoint.CheckpointError, match="do not fit this model"):  # no momentum buffers saved
         checkpoint.restore(str(tmp_path), "run2", small_model(momentum=0.9))
+    checkpoint.save(str(tmp_path), "run3", small_model(), checkpoint.State(config={}))
+    keras.utils.set_random_seed(0)
+    other = models.compile_for_training(models.build("small-cnn", (16, 16, 1), 3, seed=0),
+                                        models.build_optimizer("sgd", 0.1, 0.9))
+    with pytest.raises(checkpoint.CheckpointError, match="do not fit this model"):  # 3 classes, not 4
+        checkpoint.restore(str(tmp_path), "run3", other)
 
 
 def test_only_one_process_at_a_time_holds_a_run(tmp_path):

@@ -1,14 +1,18 @@
 """Checkpoints: what a run needs to continue where it stopped, saved at the end of every epoch.
 
-A run's checkpoint is one file, ``<checkpoint_dir>/<run id>/checkpoint.npz``, replaced atomically
-(written beside it, then renamed) after every finished epoch, so a process killed at any moment —
-SIGKILL included — leaves the last complete epoch's checkpoint. It holds:
+A run's checkpoint lives in ``<checkpoint_dir>/<run id>/`` and is saved after every finished epoch:
 
-* every model variable (weights and batch-norm statistics) and every optimizer variable (the
-  iteration count, momentum buffers), in the model's order, each checked for its shape;
-* ``state``: the resolved config, the epochs done (counted from 1), the cumulative ``updates`` and
-  ``examples_seen``, and every finished epoch's logged numbers (``rows``), from which a resume fills
-  in any metric point the tracking store lost (asynchronous logging, a server that went away).
+* ``epoch-NNNN.weights.h5``: every model variable (weights and batch-norm statistics) and every
+  optimizer variable (the iteration count, momentum buffers), written with Keras' own saving API
+  (``model.save_weights``), which matches variables by their layer's path and checks their shapes —
+  the same file for either Keras backend;
+* ``state.json``: the resolved config, the epochs done (counted from 1), the cumulative ``updates``
+  and ``examples_seen``, every finished epoch's logged numbers (``rows``, from which a resume fills in
+  any metric point the tracking store lost) and the name of its weights file.
+
+Each file is written beside its place and renamed into it, the weights first, then ``state.json``,
+which names them; only then are older weights files removed. So a process killed at any moment —
+SIGKILL included — leaves a ``state.json`` and the complete weights of its epoch.
 
 Shuffling and augmentation are stateless functions of (seed, epoch, batch) and the models have no
 dropout, so the config's ``seed`` and the epoch are the whole random state.
@@ -23,14 +27,13 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import glob
 import json
 import os
-import zipfile
 
-import numpy as np
-
-FILE_NAME = "checkpoint.npz"
-FORMAT_VERSION = 1
+FILE_NAME = "state.json"
+WEIGHTS_SUFFIX = ".weights.h5"  # Keras' own weights format (HDF5), which model.save_weights requires
+FORMAT_VERSION = 2
 
 
 class CheckpointError(RuntimeError):
@@ -88,40 +91,51 @@ def exists(checkpoint_dir: str, run_id: str) -> bool:
     return os.path.isfile(path(checkpoint_dir, run_id))
 
 
-def _variables(model) -> list[tuple[str, object]]:
-    """The variables in a fixed order, named by position (Keras' own names depend on how many
-    models the process built before, so a resumed process may name them otherwise)."""
-    named = [(f"model.{index:04d}", variable) for index, variable in enumerate(model.variables)]
-    named += [(f"optimizer.{index:04d}", variable) for index, variable in enumerate(model.optimizer.variables)]
-    return named
+def _weights_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}{WEIGHTS_SUFFIX}"
+
+
+def _write_json_atomically(file: str, content: dict) -> None:
+    partial = file + ".partial"
+    with open(partial, "w") as handle:
+        json.dump(content, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, file)
 
 
 def save(checkpoint_dir: str, run_id: str, model, state: State) -> str:
-    """Write the checkpoint atomically; returns its path.
+    """Write the checkpoint (weights, then ``state.json``) so that it is replaced atomically; returns
+    the path of ``state.json``.
 
-    If writing fails (a full disk, say), the half-written file is removed, the previous checkpoint is
-    kept and CheckpointSaveError says so in one line.
+    If writing fails (a full disk, say), the half-written files are removed, the previous checkpoint
+    is kept and CheckpointSaveError says so in one line.
     """
     target = path(checkpoint_dir, run_id)
-    arrays = {name: np.asarray(variable.numpy()) for name, variable in _variables(model)}
-    text = json.dumps({"version": FORMAT_VERSION, **dataclasses.asdict(state)})
-    partial = target + ".partial"
+    folder = os.path.dirname(target)
+    weights = _weights_name(state.epoch)
+    partial_weights = os.path.join(folder, f"partial-{weights}")
     try:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(partial, "wb") as handle:
-            np.savez(handle, __state__=np.array(text), **arrays)
-            handle.flush()
+        os.makedirs(folder, exist_ok=True)
+        model.save_weights(partial_weights)
+        with open(partial_weights, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.replace(partial, target)
+        os.replace(partial_weights, os.path.join(folder, weights))
+        _write_json_atomically(target, {"version": FORMAT_VERSION, "weights": weights, **dataclasses.asdict(state)})
     except OSError as error:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
+        for leftover in (partial_weights, target + ".partial"):
+            with contextlib.suppress(OSError):
+                os.remove(leftover)
         kept = f"the checkpoint of epoch {_saved_epoch(target)} is kept" if os.path.isfile(target) else "no earlier checkpoint exists"
         raise CheckpointSaveError(
             f"checkpoint {target} could not be saved after epoch {state.epoch} ({error.strerror or error}); the "
-            f"partial file was removed and {kept}: free the space (or move the folder and pass its new "
+            f"partial files were removed and {kept}: free the space (or move the folder and pass its new "
             f"checkpoint_dir), then resume the run"
         ) from None
+    for old in glob.glob(os.path.join(folder, f"epoch-*{WEIGHTS_SUFFIX}")):
+        if os.path.basename(old) != weights:
+            with contextlib.suppress(OSError):
+                os.remove(old)
     return target
 
 
@@ -138,29 +152,43 @@ def load_state(checkpoint_dir: str, run_id: str) -> State:
     return state
 
 
-def _read(file: str) -> tuple[State, dict]:
+def _read(file: str) -> tuple[State, str]:
+    """The state and the path of its weights file."""
     try:
-        with np.load(file, allow_pickle=False) as contents:
-            arrays = {name: contents[name] for name in contents.files}
-        stored = json.loads(str(arrays.pop("__state__")))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        with open(file) as handle:
+            stored = json.load(handle)
+        version, weights = stored.pop("version", None), stored.pop("weights", None)
+    except (OSError, ValueError, AttributeError) as error:
         raise CheckpointError(f"checkpoint {file} cannot be read ({error}); delete it to start the run afresh") from None
-    if stored.pop("version", None) != FORMAT_VERSION:
+    if version != FORMAT_VERSION or not isinstance(weights, str):
         raise CheckpointError(f"checkpoint {file} has another format version; delete it to start the run afresh")
-    return State(**stored), arrays
+    try:
+        state = State(**stored)
+    except TypeError as error:
+        raise CheckpointError(f"checkpoint {file} cannot be read ({error}); delete it to start the run afresh") from None
+    return state, os.path.join(os.path.dirname(file), os.path.basename(weights))
 
 
 def restore(checkpoint_dir: str, run_id: str, model) -> State:
-    """Load the model's and optimizer's variables from the checkpoint; return its state."""
+    """Load the model's and optimizer's variables from the checkpoint (Keras' ``load_weights``, matched
+    by layer path, shapes checked); return its state."""
+    import warnings
+
     file = path(checkpoint_dir, run_id)
-    state, arrays = _read(file)
-    named = _variables(model)
-    if sorted(arrays) != sorted(name for name, _ in named):
-        raise CheckpointError(f"checkpoint {file} holds the variables of another model; resume with the run's own parameters")
-    for name, variable in named:
-        if tuple(arrays[name].shape) != tuple(variable.shape):
-            raise CheckpointError(f"checkpoint {file}: {name} has shape {arrays[name].shape}, the model {variable.shape}")
-        variable.assign(arrays[name])
+    state, weights = _read(file)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.load_weights(weights)
+        skipped = [str(warning.message) for warning in caught if "Skipping variable loading" in str(warning.message)]
+        if skipped:  # Keras only warns when a layer's or the optimizer's variables do not match
+            raise ValueError(skipped[0])
+    except (OSError, ValueError, KeyError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise CheckpointError(
+            f"checkpoint {file}: its weights {weights} do not fit this model ({first_line}); resume with the "
+            "run's own parameters"
+        ) from None
     return state
 
 
@@ -168,11 +196,11 @@ def remove(checkpoint_dir: str, run_id: str) -> None:
     """Delete a finished run's checkpoint (its model is in the tracking store); the run's lock, on
     release, then removes the folder."""
     folder = run_directory(checkpoint_dir, run_id)
-    for name in (FILE_NAME, FILE_NAME + ".partial"):
-        try:
+    names = [FILE_NAME, FILE_NAME + ".partial"]
+    names += [os.path.basename(file) for file in glob.glob(os.path.join(folder, f"*{WEIGHTS_SUFFIX}"))]
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(folder, name))
-        except FileNotFoundError:
-            pass
 
 
 class RunLock:
