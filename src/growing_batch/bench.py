@@ -399,7 +399,7 @@ def main(argv=None) -> int:
         quick = _parse_bool(arguments.quick)
         _check_writable(arguments.output)
     except ValueError as error:
-        return exit_with_error(str(error))
+        return exit_with_error(str(error), run_id=os.environ.get("MLFLOW_RUN_ID"))
     started = time.perf_counter()
     results = run(quick)
     results["bench_seconds"] = time.perf_counter() - started

@@ -413,14 +413,15 @@ def make_parser(prog: str = "python -m growing_batch.train") -> argparse.Argumen
     return parser
 
 
-def command_line_values(argv: Sequence[str] | None = None) -> dict[str, str]:
-    """The text of every field given on a command line (argparse errors as ConfigError).
+def parse_command_line(argv: Sequence[str] | None = None) -> tuple[dict[str, str], str]:
+    """The text of every field given on a command line, and ``--run_id`` ("" if not given), parsed
+    once by argparse (its errors as ConfigError).
 
     ``--name value`` pairs are read as ``--name=value``, so that a value such as ``-1e-4`` reaches
     validation (and its clear message) instead of being taken for a flag.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    flags = {f"--{field.name}" for field in fields()}
+    flags = {f"--{field.name}" for field in fields()} | {"--run_id"}
     joined: list[str] = []
     index = 0
     while index < len(argv):
@@ -430,8 +431,14 @@ def command_line_values(argv: Sequence[str] | None = None) -> dict[str, str]:
         else:
             joined.append(argv[index])
             index += 1
-    namespace = make_parser().parse_args(joined)
-    return {name: text for name, text in vars(namespace).items() if text is not None and name != "run_id"}
+    namespace = vars(make_parser().parse_args(joined))
+    run_id = (namespace.pop("run_id") or "").strip()
+    return {name: text for name, text in namespace.items() if text is not None}, run_id
+
+
+def command_line_values(argv: Sequence[str] | None = None) -> dict[str, str]:
+    """The text of every field given on a command line (see :func:`parse_command_line`)."""
+    return parse_command_line(argv)[0]
 
 
 def from_args(argv: Sequence[str] | None = None) -> Config:

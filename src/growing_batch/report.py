@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         arguments = parser.parse_args(argv)
         return report(arguments.run_id)
     except (ValueError, mlflow.exceptions.MlflowException) as error:  # ConfigError is a ValueError
-        return exit_with_error(f"report: {error}")
+        return exit_with_error(f"report: {error}", run_id=os.environ.get("MLFLOW_RUN_ID"))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import mlflow
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from growing_batch import checkpoint, train
+from growing_batch import checkpoint, tracking, train
 from growing_batch import config as config_module
 from growing_batch.config import ConfigError
 from growing_batch.errors import exit_with_error
@@ -172,10 +172,7 @@ def run_child(client: MlflowClient, experiment_id: str, parent_id: str, key: str
     with open(log_path, "w") as log:
         process = subprocess.run([sys.executable, "-m", "growing_batch.train", *child.argv()],
                                  env=environment, stdout=log, stderr=subprocess.STDOUT, check=False)
-    status = client.get_run(run_id).info.status
-    if not RunStatus.is_terminated(RunStatus.from_string(status)):
-        client.set_terminated(run_id, "FINISHED" if process.returncode == 0 else "FAILED")
-        status = client.get_run(run_id).info.status
+    status = tracking.end_run_of_process(client, run_id, succeeded=process.returncode == 0)
     try:
         client.log_artifact(run_id, log_path, "logs/resumed" if resume_run_id else "logs")
     except Exception as error:  # the log is a convenience; the run's own records are complete
@@ -255,7 +252,7 @@ def sweep(experiment: str, seeds: int, workers: int, overrides: dict[str, str], 
         client.set_tag(current, "sweep_resumed", parent_id)
         client.set_tag(current, "mlflow.runName", f"resume {experiment} sweep")
     if parent_id:
-        client.update_run(parent_id, status="RUNNING")
+        tracking.set_status(client, parent_id, "RUNNING")
         _say(f"continuing sweep {experiment} (parent run {parent_id})")
     else:
         parent_id = current or client.create_run(experiment_id).info.run_id
@@ -289,7 +286,7 @@ def sweep(experiment: str, seeds: int, workers: int, overrides: dict[str, str], 
                 continue
             client.set_tag(run.info.run_id, "sweep_superseded", "true")
             if not RunStatus.is_terminated(RunStatus.from_string(run.info.status)):
-                client.set_terminated(run.info.run_id, "FAILED")  # left RUNNING by a process that died
+                tracking.set_status(client, run.info.run_id, "FAILED")  # left RUNNING by a process that died
         to_run.append((child, resume.info.run_id if resume else None))
 
     with tempfile.TemporaryDirectory() as log_dir:
@@ -305,7 +302,7 @@ def sweep(experiment: str, seeds: int, workers: int, overrides: dict[str, str], 
         if outcome == "RUNNING":
             _say("other shards are still training children of this sweep: the parent stays RUNNING")
         else:
-            client.set_terminated(parent_id, outcome)
+            tracking.set_status(client, parent_id, outcome)
     _say(f"\nparent run {parent_id}; open it with: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
     return 0 if all_finished else 1
 
@@ -350,9 +347,9 @@ def main(argv=None) -> int:
         overrides = {name: getattr(arguments, name) for name in OVERRIDES}
         return sweep(arguments.experiment, seeds, workers, overrides, arguments.shard)
     except train.StoreUnreachable as error:  # nothing can be recorded there
-        return exit_with_error(str(error), mark_run=False)
-    except ConfigError as error:
         return exit_with_error(str(error))
+    except ConfigError as error:  # the run `mlflow run` created for the sweep, if any, ends FAILED
+        return exit_with_error(str(error), run_id=os.environ.get("MLFLOW_RUN_ID"))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ import sys
 import time
 import warnings
 
-import keras
 import mlflow
 import numpy as np
 from mlflow.entities import Metric
@@ -123,6 +122,218 @@ def keep_status_after_mlflow_run(run_id: str | None) -> None:
         print(f"warning: run {run_id} may show the status `mlflow run` sets, FAILED ({error})", file=sys.stderr)
 
 
+# --- the run's status: every change of it in the package is made here ---------------------------
+
+
+class Diverged(Exception):
+    """Training stopped at ``epoch`` (from 1) because the loss diverged; ``message`` says how (one line)."""
+
+    def __init__(self, epoch: int, message: str):
+        super().__init__(message)
+        self.epoch = epoch
+        self.message = message
+
+
+class StoreLost(RuntimeError):
+    """The tracking store stopped answering during training; the checkpoint holds every finished epoch."""
+
+    def __init__(self, run_id: str, checkpoint_file: str, error: BaseException):
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        super().__init__(
+            f"the tracking store {mlflow.get_tracking_uri()} stopped answering during run {run_id} ({first_line}); "
+            f"every finished epoch is in the checkpoint {checkpoint_file}. When the store answers again, resume "
+            f"with: python -m growing_batch.train --run_id {run_id} (it logs what the store lacks and finishes the run)"
+        )
+
+
+def store_errors() -> tuple[type[BaseException], ...]:
+    """What MLflow's client raises when the store does not answer."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException, requests.RequestException, ConnectionError
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def run_lifecycle(config: Config, given: dict[str, str] | None = None, run_id: str | None = None):
+    """Start the run (or continue ``run_id``), yield it, and end it by how the block ends — the one
+    place a training run's status is set:
+
+    * normally: FINISHED;
+    * :class:`Diverged`: FAILED, tags ``diverged=true``, ``diverged_epoch`` and ``error``;
+    * interrupted (``growing_batch.loop.TrainingInterrupted``: a signal, the unfinished epoch dropped;
+      or ``KeyboardInterrupt``: a second Ctrl-C): KILLED, tag ``interrupted`` (the signal and the
+      epoch), and that status kept once ``mlflow run`` has exited (:func:`keep_status_after_mlflow_run`);
+    * :class:`StoreLost`: the run is let go without waiting on the store (it stays RUNNING there, or
+      FAILED if the store is back), to be resumed from its checkpoint;
+    * bad input or any other exception: FAILED, with the error's one line as tag ``error``.
+
+    The exception goes on to the caller, which turns it into the exit status.
+    """
+    from growing_batch.loop import TrainingInterrupted
+
+    active = start_run(config, given, run_id)
+    run_id = active.info.run_id
+    try:
+        yield active
+    except Diverged as outcome:
+        mlflow.set_tags({"diverged": "true", "diverged_epoch": str(outcome.epoch), "error": outcome.message[:5000]})
+        mlflow.end_run("FAILED")
+        raise
+    except (TrainingInterrupted, KeyboardInterrupt) as stop:
+        how = f"{stop.signal_name} during epoch {stop.epoch}" if isinstance(stop, TrainingInterrupted) else "SIGINT twice"
+        mlflow.set_tag(INTERRUPTED_TAG, how)
+        mlflow.end_run("KILLED")
+        keep_status_after_mlflow_run(run_id)
+        raise
+    except StoreLost:
+        try:
+            mlflow.end_run("FAILED")  # pops the run, then tries the store: a store back by now records FAILED
+        except store_errors():
+            pass  # it stays RUNNING there; the system-metrics thread is a daemon and ends with the process
+        raise
+    except BaseException as error:
+        mlflow.set_tag("error", _one_line(error)[:5000])
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def store_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def _server_problem(timeout_seconds: float) -> str | None:
+    """Why the HTTP tracking server does not answer its health check, or None (it does, or the store is local)."""
+    import urllib.error
+    import urllib.request
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_seconds) as answer:
+            answer.read()
+    except (urllib.error.URLError, OSError) as error:
+        return str(getattr(error, "reason", error))
+    return None
+
+
+def store_problem(timeout_seconds: float) -> str | None:
+    """Why the tracking store cannot be used — an HTTP server that does not answer, a sqlite file that
+    cannot be created, an unknown scheme, a missing driver — as the rest of a one-line error
+    ("expected ..."), or None."""
+    uri = mlflow.get_tracking_uri()
+    reason = _server_problem(timeout_seconds)
+    if reason is not None:
+        return (f"expected a tracking server that answers, but it does not ({reason}); start it (mlflow server "
+                "...) or set MLFLOW_TRACKING_URI to another store.")
+    if uri.startswith(("http://", "https://")):
+        return None
+    try:
+        if uri.startswith("sqlite:"):  # opened later, under a lock (prepare_store)
+            from sqlalchemy.engine.url import make_url
+
+            database = make_url(uri).database
+            if database and database != ":memory:":
+                folder = os.path.dirname(os.path.abspath(database))
+                os.makedirs(folder, exist_ok=True)  # as MLflow would
+                if not os.access(folder, os.W_OK):
+                    raise PermissionError(f"the folder {folder} cannot be written")
+        else:
+            MlflowClient().search_experiments(max_results=1)
+    except Exception as error:  # MlflowException, an OSError, a missing database driver, ...
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        return (f"expected a tracking store MLflow can open, but it cannot ({type(error).__name__}: {first_line}); "
+                "e.g. sqlite:///mlflow.db or http://host:5000.")
+    return None
+
+
+def find_run(run_id: str):
+    """The run ``run_id`` of the tracking store, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient().get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def log_new_run(config: Config, splits, resolved_max_batch_size: int, details: dict) -> None:
+    """What a new run records before its first epoch: the split sizes and data inputs, ``config.json``
+    (the resolved config with ``details``), and the param ``replicas`` and tag ``distribution``."""
+    log_data(splits, resolved_max_batch_size)
+    log_resolved_config(config, {
+        "train_examples": len(splits.train),
+        "validation_examples": len(splits.validation),
+        "test_examples": len(splits.test),
+        "resolved_max_batch_size": resolved_max_batch_size,
+        "data_source": splits.source,
+        **details,
+    })
+    mlflow.log_param("replicas", details["replicas"])
+    mlflow.set_tag("distribution", details["distribution"])
+
+
+def mark_resumed(run_id: str, state, checkpoint_dir: str) -> tuple[dict[str, set[int]], int]:
+    """A resumed run: log the points of ``state.rows`` the store lacks, tag ``resumed_from_epoch``, drop
+    the ``interrupted`` tag (it is running again) and note a moved ``checkpoint_dir``. Returns the
+    steps the store holds per metric and how many points were filled in."""
+    logged = logged_steps(run_id)
+    filled = backfill(run_id, state.rows, logged)
+    mlflow.set_tag("resumed_from_epoch", str(state.epoch))
+    run = mlflow.get_run(run_id)
+    if INTERRUPTED_TAG in run.data.tags:
+        mlflow.delete_tag(INTERRUPTED_TAG)
+    if run.data.params.get("resolved.checkpoint_dir") != checkpoint_dir:
+        mlflow.set_tag("checkpoint_dir", checkpoint_dir)  # moved there by the user
+    return logged, filled
+
+
+def log_step_counts(traces: int, compilations: int) -> None:
+    mlflow.log_metrics({"train_step_traces": traces, "xla_compilations": compilations})
+
+
+def fail_run(run_id: str, message: str) -> None:
+    """Mark a run FAILED with an ``error`` tag — one this process never started (bad input found before
+    training, in a run ``mlflow run`` created); a run already ended keeps its status."""
+    from mlflow.entities import RunStatus
+
+    try:
+        client = MlflowClient()
+        client.set_tag(run_id, "error", message[:5000])
+        if not RunStatus.is_terminated(RunStatus.from_string(client.get_run(run_id).info.status)):
+            client.set_terminated(run_id, "FAILED")
+    except Exception as error:  # the store itself may be the problem: say so, and go on failing
+        print(f"warning: could not mark run {run_id} FAILED: {error}", file=sys.stderr)
+
+
+def end_run_of_process(client: MlflowClient, run_id: str, succeeded: bool) -> str:
+    """A run another process trained (a sweep's child): FINISHED or FAILED if that process left it
+    RUNNING (it died); returns the run's status."""
+    from mlflow.entities import RunStatus
+
+    status = client.get_run(run_id).info.status
+    if not RunStatus.is_terminated(RunStatus.from_string(status)):
+        client.set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+        status = client.get_run(run_id).info.status
+    return status
+
+
+def set_status(client: MlflowClient, run_id: str, status: str) -> None:
+    """Set a run's status outright: a sweep's parent (RUNNING again when continued; its outcome at the
+    end) and a superseded child left RUNNING by a process that died (FAILED)."""
+    if status == "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    else:
+        client.set_terminated(run_id, status)
+
+
 def _number(value: float) -> str:
     return format(value, "g")
 
@@ -191,15 +402,16 @@ def prepare_store() -> None:
         MlflowClient().search_experiments(max_results=1)
 
 
-def start_run(config: Config, given: dict[str, str] | None = None) -> mlflow.ActiveRun:
-    """Continue the run ``mlflow run`` created, or start a new one; name, tag and log params.
+def start_run(config: Config, given: dict[str, str] | None = None, run_id: str | None = None) -> mlflow.ActiveRun:
+    """Continue the run ``run_id`` (the one ``mlflow run`` created, or one to resume), or start a new
+    one; name, tag and log params.
 
     ``given`` is the command line's text per field (what the user passed; see log_config_params).
     """
     prepare_store()
     if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_SECONDS)
-    active = mlflow.start_run(run_name=run_name(config), log_system_metrics=True)
+    active = mlflow.start_run(run_id=run_id, run_name=run_name(config), log_system_metrics=True)
     tags = {"schedule": config.schedule, "dataset": config.dataset, "model": config.model}
     if config.preset:
         tags["preset"] = config.preset
@@ -286,50 +498,64 @@ def backfill(run_id: str, rows: list[dict], logged: dict[str, set[int]]) -> int:
     return len(missing)
 
 
-class TrackingCallback(keras.callbacks.Callback):
-    """Logs each epoch's metrics at ``step = epoch`` (from 1) and, at the end, the history files.
+def _tracking_callback_class():
+    """The Keras callback class, defined on first use: Keras (and TensorFlow) load only when a run
+    trains, so the checks before it — bad input, the store, a refused resume — answer in seconds."""
+    import keras
 
-    All numbers in the epoch's logs are logged in one batched call per epoch, asynchronously
-    (MLflow's logging queue), so training does not wait for the store; ``on_train_end`` waits until
-    every point is stored. ``logging_seconds`` is the time the training thread spent in logging.
+    class TrackingCallback(keras.callbacks.Callback):
+        """Logs each epoch's metrics at ``step = epoch`` (from 1) and, at the end, the history files.
 
-    Resuming a run: ``rows`` are the epochs done before (they go into ``history.csv``), and
-    ``logged`` the steps the store already holds per metric; a point already there is not logged
-    again, so a retrained epoch leaves no duplicate step.
-    """
+        All numbers in the epoch's logs are logged in one batched call per epoch, asynchronously
+        (MLflow's logging queue), so training does not wait for the store; ``on_train_end`` waits until
+        every point is stored. ``logging_seconds`` is the time the training thread spent in logging.
 
-    def __init__(self, run_id: str, title: str = "", rows: list[dict] | None = None,
-                 logged: dict[str, set[int]] | None = None):
-        super().__init__()
-        self.run_id = run_id
-        self.title = title
-        self.client = MlflowClient()
-        self.rows: list[dict] = list(rows or [])
-        self.logged = logged if logged is not None else {}
-        self.logging_seconds = 0.0
-        self._pending = []
+        Resuming a run: ``rows`` are the epochs done before (they go into ``history.csv``), and
+        ``logged`` the steps the store already holds per metric; a point already there is not logged
+        again, so a retrained epoch leaves no duplicate step.
+        """
 
-    def on_epoch_end(self, epoch: int, logs=None) -> None:
-        started = time.perf_counter()
-        step = epoch + 1
-        timestamp = int(time.time() * 1000)
-        numbers = epoch_numbers(logs)
-        self.rows.append({"epoch": step, **numbers})
-        metrics = [Metric(key, value, timestamp, step) for key, value in numbers.items()
-                   if step not in self.logged.get(key, ())]
-        if metrics:
-            self._pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
-        self.logging_seconds += time.perf_counter() - started
+        def __init__(self, run_id: str, title: str = "", rows: list[dict] | None = None,
+                     logged: dict[str, set[int]] | None = None):
+            super().__init__()
+            self.run_id = run_id
+            self.title = title
+            self.client = MlflowClient()
+            self.rows: list[dict] = list(rows or [])
+            self.logged = logged if logged is not None else {}
+            self.logging_seconds = 0.0
+            self._pending = []
 
-    def wait(self) -> None:
-        """Block until every metric point logged so far is in the store."""
-        for operation in self._pending:
-            operation.wait()
-        self._pending = []
+        def on_epoch_end(self, epoch: int, logs=None) -> None:
+            started = time.perf_counter()
+            step = epoch + 1
+            timestamp = int(time.time() * 1000)
+            numbers = epoch_numbers(logs)
+            self.rows.append({"epoch": step, **numbers})
+            metrics = [Metric(key, value, timestamp, step) for key, value in numbers.items()
+                       if step not in self.logged.get(key, ())]
+            if metrics:
+                self._pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
+            self.logging_seconds += time.perf_counter() - started
 
-    def on_train_end(self, logs=None) -> None:
-        self.wait()
-        log_history(self.run_id, self.rows, self.title)
+        def wait(self) -> None:
+            """Block until every metric point logged so far is in the store."""
+            for operation in self._pending:
+                operation.wait()
+            self._pending = []
+
+        def on_train_end(self, logs=None) -> None:
+            self.wait()
+            log_history(self.run_id, self.rows, self.title)
+
+    return TrackingCallback
+
+
+def __getattr__(name: str):
+    if name == "TrackingCallback":  # see _tracking_callback_class
+        globals()[name] = _tracking_callback_class()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def log_history(run_id: str, rows: list[dict], title: str = "") -> None:
@@ -346,8 +572,9 @@ def log_history(run_id: str, rows: list[dict], title: str = "") -> None:
         client.log_figure(run_id, figure, name)
 
 
-def log_model(model: keras.Model, sample_images: np.ndarray) -> None:
+def log_model(model, sample_images: np.ndarray) -> None:
     """The trained model in MLflow's Keras flavour, with a signature inferred from a sample."""
+    import keras
     import tensorflow as tf
     from mlflow.models import infer_signature
 

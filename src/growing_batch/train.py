@@ -29,11 +29,10 @@ How a run ends, and the exit status:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
-import urllib.error
-import urllib.request
 from typing import Sequence
 
 from growing_batch import checkpoint, distribute
@@ -57,14 +56,11 @@ class StoreUnreachable(Refused):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
     resuming = False
+    run_id = os.environ.get("MLFLOW_RUN_ID") or None  # the run `mlflow run` created (or resumes: --run-id)
     try:
-        argv, run_id = _pop_run_id(argv)
-        given = config_module.command_line_values(argv)
-        if run_id:
-            os.environ["MLFLOW_RUN_ID"] = run_id  # what `mlflow run --run-id` sets
-        run_id = os.environ.get("MLFLOW_RUN_ID") or None
+        given, given_run_id = config_module.parse_command_line(argv)
+        run_id = given_run_id or run_id  # --run_id: the run to continue
         chief = distribute.is_chief()  # of a multi-worker cluster: only the chief talks to MLflow
         if chief:
             check_tracking_store()
@@ -79,30 +75,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             for warning in config_module.warnings_for(config):
                 print(f"warning: {warning}", file=sys.stderr, flush=True)
     except StoreUnreachable as error:
-        return exit_with_error(str(error), mark_run=False)
+        return exit_with_error(str(error))
     except Refused as error:
-        return _refuse(error)
+        return _refuse(error, run_id)
     except ConfigError as error:
-        return _refuse(error) if resuming else exit_with_error(str(error))
+        return _refuse(error, run_id) if resuming else exit_with_error(str(error), run_id=run_id)
     from growing_batch.data import DataError
+    from growing_batch.tracking import StoreLost
 
     try:
-        return train(config, given=given)
+        return train(config, run_id=run_id, given=given)
     except StoreLost as error:
-        return exit_with_error(str(error), exit_code=1, mark_run=False)
-    except Refused as error:
-        return _refuse(error)
-    except checkpoint.CheckpointSaveError as error:
         return exit_with_error(str(error), exit_code=1)
-    except (ConfigError, DataError, CheckpointError) as error:
-        return exit_with_error(str(error))
+    except Refused as error:
+        return _refuse(error, run_id)
+    except checkpoint.CheckpointSaveError as error:  # the run is FAILED with this line as its error
+        return exit_with_error(str(error), exit_code=1)
+    except (ConfigError, DataError, CheckpointError) as error:  # a started run is FAILED already
+        return exit_with_error(str(error), run_id=run_id)
 
 
-def _refuse(error: Exception) -> int:
+def _refuse(error: Exception, run_id: str | None) -> int:
     """A refused resume: one line, exit 2, and the run left as it was — also once `mlflow run` has
     exited, which would otherwise mark it FAILED (growing_batch.tracking.keep_status_after_mlflow_run)."""
-    status = exit_with_error(str(error), mark_run=False)
-    run_id = os.environ.get("MLFLOW_RUN_ID")
+    status = exit_with_error(str(error))
     if run_id:
         from growing_batch import tracking
 
@@ -120,87 +116,26 @@ def check_checkpoint_dir(folder: str) -> None:
         )
 
 
-def _pop_run_id(argv: list[str]) -> tuple[list[str], str]:
-    rest, run_id, index = [], "", 0
-    while index < len(argv):
-        if argv[index] == "--run_id" and index + 1 < len(argv):
-            run_id, index = argv[index + 1].strip(), index + 2
-        elif argv[index].startswith("--run_id="):
-            run_id, index = argv[index].split("=", 1)[1].strip(), index + 1
-        else:
-            rest.append(argv[index])
-            index += 1
-    return rest, run_id
-
-
-def _server_problem() -> str | None:
-    """Why the HTTP tracking server does not answer its health check, or None (it does, or the store is local)."""
-    import mlflow
-
-    uri = mlflow.get_tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        return None
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=SERVER_CHECK_TIMEOUT_SECONDS) as answer:
-            answer.read()
-    except (urllib.error.URLError, OSError) as error:
-        return str(getattr(error, "reason", error))
-    return None
-
-
-def _store_answers() -> bool:
-    return _server_problem() is None
-
-
 def check_tracking_store() -> None:
     """Fail fast, before any data is loaded, when the tracking store does not answer (an HTTP server)
     or cannot be opened (a sqlite file that cannot be created, an unknown scheme, a missing driver)."""
-    import mlflow
+    from growing_batch import tracking
 
-    uri = mlflow.get_tracking_uri()
-    reason = _server_problem()
-    if reason is not None:
-        raise StoreUnreachable(
-            f"MLFLOW_TRACKING_URI={uri!r} is not allowed: expected a tracking server that answers, but it "
-            f"does not ({reason}); start it (mlflow server ...) or set MLFLOW_TRACKING_URI to another store."
-        ) from None
-    if uri.startswith(("http://", "https://")):
-        return
-    try:
-        if uri.startswith("sqlite:"):  # opened later, under a lock (growing_batch.tracking.prepare_store)
-            from sqlalchemy.engine.url import make_url
-
-            database = make_url(uri).database
-            if database and database != ":memory:":
-                folder = os.path.dirname(os.path.abspath(database))
-                os.makedirs(folder, exist_ok=True)  # as MLflow would
-                if not os.access(folder, os.W_OK):
-                    raise PermissionError(f"the folder {folder} cannot be written")
-        else:
-            from mlflow.tracking import MlflowClient
-
-            MlflowClient().search_experiments(max_results=1)
-    except Exception as error:  # MlflowException, an OSError, a missing database driver, ...
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        raise StoreUnreachable(
-            f"MLFLOW_TRACKING_URI={uri!r} is not allowed: expected a tracking store MLflow can open, but it "
-            f"cannot ({type(error).__name__}: {first_line}); e.g. sqlite:///mlflow.db or http://host:5000."
-        ) from None
+    problem = tracking.store_problem(SERVER_CHECK_TIMEOUT_SECONDS)
+    if problem is not None:
+        raise StoreUnreachable(f"MLFLOW_TRACKING_URI={tracking.store_uri()!r} is not allowed: {problem}") from None
 
 
 def _get_run(run_id: str):
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+    from growing_batch import tracking
 
-    try:
-        return MlflowClient().get_run(run_id)
-    except MlflowException:
-        import mlflow
-
+    run = tracking.find_run(run_id)
+    if run is None:
         raise Refused(
-            f"run_id={run_id!r} is not allowed: expected a run in the tracking store {mlflow.get_tracking_uri()}, "
+            f"run_id={run_id!r} is not allowed: expected a run in the tracking store {tracking.store_uri()}, "
             "and there is none with that id."
-        ) from None
+        )
+    return run
 
 
 def _resolved_params(run_id: str, required: bool) -> dict[str, str]:
@@ -263,15 +198,17 @@ def plan_resume(config: Config, run_id: str | None) -> checkpoint.State | None:
     return None  # a run that never finished an epoch (e.g. one `mlflow run` just created): start it
 
 
-def train(config: Config, extra_callbacks: Sequence = (), verbose: int = 1, given: dict | None = None) -> int:
-    """Run one configuration end to end, or resume it; returns the exit status (see the module).
+def train(config: Config, run_id: str | None = None, given: dict | None = None, extra_callbacks: Sequence = (),
+          verbose: int = 1) -> int:
+    """Run one configuration end to end, or continue the run ``run_id``; returns the exit status (see
+    the module): 0 finished, 3 diverged, 128 + signal interrupted.
 
-    Raises ConfigError/DataError/CheckpointError on bad input, before any training.
+    Raises ConfigError/DataError/CheckpointError on bad input (Refused when ``run_id`` cannot be
+    continued), before any training; StoreLost when the tracking store stops answering.
     ``given``: the command line's text per field, logged as the plain-name params (default: none).
     """
     from growing_batch import data, schedules
 
-    run_id = os.environ.get("MLFLOW_RUN_ID") or None
     chief = distribute.is_chief()
     with contextlib.ExitStack() as stack:
         resume_state = None
@@ -292,69 +229,44 @@ def train(config: Config, extra_callbacks: Sequence = (), verbose: int = 1, give
         if not chief:
             return _train_as_worker(config, strategy, splits, schedule, run_id)
 
-        import mlflow
+        from growing_batch import loop, tracking
 
-        from growing_batch import tracking
-
-        model, batches, evaluation = _build(config, strategy, splits)
-
-        active = tracking.start_run(config, given)
+        setup = Setup(config, splits, schedule, strategy, max_batch_size)
+        setup.model, setup.batches, setup.evaluation = _build(config, strategy, splits)
         try:
-            if not run_id:
-                run_id = active.info.run_id
-                stack.enter_context(_lock(config, run_id))
-            return _train_in_run(config, run_id, resume_state, model, batches, schedule, evaluation, splits,
-                                 max_batch_size, extra_callbacks, verbose, strategy)
-        except StoreLost:
-            _leave_run_to_resume()
-            raise
-        except KeyboardInterrupt:  # a second Ctrl-C: quit at once, the last checkpoint stays
-            if mlflow.active_run():
-                mlflow.set_tag(tracking.INTERRUPTED_TAG, "SIGINT twice")
-                mlflow.end_run("KILLED")
-                tracking.keep_status_after_mlflow_run(run_id)
-            raise
-        except BaseException as error:
-            if mlflow.active_run():
-                if isinstance(error, (ConfigError, CheckpointError, data.DataError)):
-                    mlflow.set_tag("error", " ".join(str(error).split())[:5000])
-                mlflow.end_run("FAILED")
-            raise
+            with tracking.run_lifecycle(config, given, run_id) as active:
+                if not run_id:
+                    run_id = active.info.run_id
+                    stack.enter_context(_lock(config, run_id))
+                _train_in_run(setup, run_id, resume_state, extra_callbacks, verbose)
+        except tracking.Diverged as outcome:
+            print(f"error: {outcome.message}", file=sys.stderr, flush=True)
+            return EXIT_DIVERGED
+        except loop.TrainingInterrupted as stop:
+            done = f"epochs 1-{stop.epoch - 1} are logged and checkpointed" if stop.epoch > 1 else "no epoch was finished"
+            print(
+                f"run {run_id} interrupted by {stop.signal_name} during epoch {stop.epoch}: {done}; the run is "
+                f"KILLED. Resume it with: python -m growing_batch.train --run_id {run_id}",
+                file=sys.stderr, flush=True,
+            )
+            return 128 + getattr(signal, stop.signal_name).value
+        checkpoint.remove(config.checkpoint_dir, run_id)
+        return 0
 
 
-class StoreLost(RuntimeError):
-    """The tracking store stopped answering during training; the checkpoint holds every finished epoch."""
+@dataclasses.dataclass
+class Setup:
+    """What a run trains with: the config, its data, schedule and devices, and the model, training
+    batches and evaluation splits built from them (before the MLflow run starts)."""
 
-    def __init__(self, run_id: str, checkpoint_file: str, error: BaseException):
-        import mlflow
-
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        super().__init__(
-            f"the tracking store {mlflow.get_tracking_uri()} stopped answering during run {run_id} ({first_line}); "
-            f"every finished epoch is in the checkpoint {checkpoint_file}. When the store answers again, resume "
-            f"with: python -m growing_batch.train --run_id {run_id} (it logs what the store lacks and finishes the run)"
-        )
-
-
-def _store_errors() -> tuple[type[BaseException], ...]:
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    return MlflowException, requests.RequestException, ConnectionError
-
-
-def _leave_run_to_resume() -> None:
-    """Let go of the active run without waiting on a store that does not answer (it stays RUNNING there)."""
-    import mlflow
-    from mlflow.tracking import fluent
-
-    run = mlflow.active_run()
-    try:
-        mlflow.end_run("FAILED")  # pops the run, then tries the store: a store back by now records FAILED
-    except _store_errors():
-        monitor = getattr(fluent, "run_id_to_system_metrics_monitor", {}).pop(run.info.run_id, None)
-        if monitor is not None:
-            monitor.finish()
+    config: Config
+    splits: object
+    schedule: object
+    strategy: object
+    max_batch_size: int
+    model: object = None
+    batches: object = None
+    evaluation: dict | None = None
 
 
 @contextlib.contextmanager
@@ -416,120 +328,64 @@ def _train_as_worker(config: Config, strategy, splits, schedule, run_id: str | N
     return 0
 
 
-def _train_in_run(config, run_id, resume_state, model, batches, schedule, evaluation, splits, max_batch_size,
-                  extra_callbacks, verbose, strategy) -> int:
-    import mlflow
+def _train_in_run(setup: Setup, run_id: str, resume_state: checkpoint.State | None, extra_callbacks: Sequence,
+                  verbose: int) -> None:
+    """Train in the active run ``run_id`` (new, or resumed from ``resume_state``) and log its results.
 
-    from growing_batch import loop, models, tracking
+    Returns when it finished; raises tracking.Diverged or loop.TrainingInterrupted (after logging what
+    was trained), and tracking.StoreLost when the store stopped answering.
+    """
+    from growing_batch import data, loop, models, tracking
 
+    config, model, splits, strategy = setup.config, setup.model, setup.splits, setup.strategy
     title = tracking.run_name(config)
     if resume_state is None:
         state = checkpoint.State(config=config.to_dict())
-        tracking.log_data(splits, max_batch_size)
-        tracking.log_resolved_config(
-            config,
-            {
-                "train_examples": len(splits.train),
-                "validation_examples": len(splits.validation),
-                "test_examples": len(splits.test),
-                "resolved_max_batch_size": max_batch_size,
-                "data_source": splits.source,
-                "parameters": model.count_params(),
-                "input_standardization": models.input_standardization(model),
-                "epochs_counted_from": 1,
-                "replicas": int(strategy.num_replicas_in_sync),
-                "distribution": distribute.describe(strategy),
-            },
-        )
-        mlflow.log_param("replicas", int(strategy.num_replicas_in_sync))
-        mlflow.set_tag("distribution", distribute.describe(strategy))
+        tracking.log_new_run(config, splits, setup.max_batch_size, {
+            "parameters": model.count_params(),
+            "input_standardization": models.input_standardization(model),
+            "epochs_counted_from": 1,
+            "replicas": int(strategy.num_replicas_in_sync),
+            "distribution": distribute.describe(strategy),
+        })
         logged = {}
-        print(
-            f"run {run_id} ({title}): {config.dataset} N={len(splits.train)}, "
-            f"{model.count_params():,} parameters, data from {splits.source}",
-            flush=True,
-        )
+        print(f"run {run_id} ({title}): {config.dataset} N={len(splits.train)}, {model.count_params():,} parameters, "
+              f"data from {splits.source}", flush=True)
     else:
         state = checkpoint.restore(config.checkpoint_dir, run_id, model)
-        logged = tracking.logged_steps(run_id)
-        filled = tracking.backfill(run_id, state.rows, logged)
-        mlflow.set_tag("resumed_from_epoch", str(state.epoch))
-        if tracking.INTERRUPTED_TAG in mlflow.get_run(run_id).data.tags:  # it is running again
-            mlflow.delete_tag(tracking.INTERRUPTED_TAG)
-        if mlflow.get_run(run_id).data.params.get("resolved.checkpoint_dir") != config.checkpoint_dir:
-            mlflow.set_tag("checkpoint_dir", config.checkpoint_dir)  # moved there by the user
-        print(
-            f"run {run_id} ({title}): resuming after epoch {state.epoch} of {config.epochs} from "
-            f"{checkpoint.path(config.checkpoint_dir, run_id)}"
-            + (f"; logged {filled} metric points the store had lost" if filled else ""),
-            flush=True,
-        )
+        logged, filled = tracking.mark_resumed(run_id, state, config.checkpoint_dir)
+        print(f"run {run_id} ({title}): resuming after epoch {state.epoch} of {config.epochs} from "
+              f"{checkpoint.path(config.checkpoint_dir, run_id)}"
+              + (f"; logged {filled} metric points the store had lost" if filled else ""), flush=True)
     tracker = tracking.TrackingCallback(run_id, title, rows=state.rows, logged=logged)
     saver = loop.CheckpointCallback(config.checkpoint_dir, run_id, state)
+    trainer = loop.Trainer(model, setup.batches, setup.schedule, evaluation=setup.evaluation,
+                           max_device_batch_size=config.max_device_batch_size, jit_compile=config.jit_compile,
+                           strategy=strategy, measure_noise_scale=config.measure_noise_scale)
     try:
-        return _fit_and_finish(config, run_id, model, batches, schedule, evaluation, splits, extra_callbacks,
-                               verbose, state, tracker, saver, title, strategy)
-    except _store_errors() as error:
-        if _store_answers():
+        try:
+            with loop.Interruption() as interruption:
+                history = trainer.fit(state, config.epochs, callbacks=[*extra_callbacks, tracker, saver],
+                                      verbose=verbose, interruption=interruption)
+        except loop.TrainingInterrupted:
+            tracker.wait()
+            tracking.log_history(run_id, tracker.rows, title)
             raise
-        raise StoreLost(run_id, checkpoint.path(config.checkpoint_dir, run_id), error) from error
-
-
-def _fit_and_finish(config, run_id, model, batches, schedule, evaluation, splits, extra_callbacks, verbose, state,
-                    tracker, saver, title, strategy) -> int:
-    import math
-
-    import mlflow
-
-    from growing_batch import data, loop, tracking
-
-    try:
-        trainer = loop.Trainer(model, batches, schedule, evaluation=evaluation,
-                               max_device_batch_size=config.max_device_batch_size, jit_compile=config.jit_compile,
-                               strategy=strategy, measure_noise_scale=config.measure_noise_scale)
-        with loop.Interruption() as interruption:
-            history = trainer.fit(state, config.epochs, callbacks=[*extra_callbacks, tracker, saver], verbose=verbose,
-                                  interruption=interruption)
-    except loop.TrainingInterrupted as stop:
-        tracker.wait()
-        tracking.log_history(run_id, tracker.rows, title)
-        mlflow.set_tag(tracking.INTERRUPTED_TAG, f"{stop.signal_name} during epoch {stop.epoch}")
-        mlflow.end_run("KILLED")
-        tracking.keep_status_after_mlflow_run(run_id)
-        done = f"epochs 1-{stop.epoch - 1} are logged and checkpointed" if stop.epoch > 1 else "no epoch was finished"
-        print(
-            f"run {run_id} interrupted by {stop.signal_name} during epoch {stop.epoch}: {done}; the run is KILLED. "
-            f"Resume it with: python -m growing_batch.train --run_id {run_id}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 128 + getattr(signal, stop.signal_name).value
-    step = trainer.step
-    mlflow.log_metrics({"train_step_traces": step.traces, "xla_compilations": len(step.compiled_shapes)})
-    if history.diverged_epoch is not None:
-        epoch = history.diverged_epoch
-        row = tracker.rows[-1]
-        mlflow.set_tags({"diverged": "true", "diverged_epoch": str(epoch)})
-        message = (
-            f"run {run_id} diverged: train_loss is {row['train_loss']} at epoch {epoch} (learning_rate "
-            f"{row['learning_rate']:g}, batch_size {int(row['batch_size'])}); training stopped there, every metric "
-            f"logged up to epoch {epoch} is kept and the run is FAILED"
-        )
-        mlflow.set_tag("error", message)
-        mlflow.end_run("FAILED")
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        return EXIT_DIVERGED
-    tracking.log_model(model, data.scale(splits.train.images[:8]))
+        tracking.log_step_counts(trainer.step.traces, len(trainer.step.compiled_shapes))
+        if history.diverged_epoch is not None:
+            epoch, row = history.diverged_epoch, tracker.rows[-1]
+            raise tracking.Diverged(epoch, (
+                f"run {run_id} diverged: train_loss is {row['train_loss']} at epoch {epoch} (learning_rate "
+                f"{row['learning_rate']:g}, batch_size {int(row['batch_size'])}); training stopped there, every "
+                f"metric logged up to epoch {epoch} is kept and the run is FAILED"))
+        tracking.log_model(model, data.scale(splits.train.images[:8]))
+    except tracking.store_errors() as error:
+        if tracking.store_problem(SERVER_CHECK_TIMEOUT_SECONDS) is None:
+            raise
+        raise tracking.StoreLost(run_id, checkpoint.path(config.checkpoint_dir, run_id), error) from error
     last = tracker.rows[-1]
-    assert math.isfinite(last["train_loss"])
-    print(
-        f"run {run_id} done: test_accuracy {last['test_accuracy']:.4f} after "
-        f"{int(last['updates']):,} updates; tracking store {mlflow.get_tracking_uri()}",
-        flush=True,
-    )
-    mlflow.end_run("FINISHED")
-    checkpoint.remove(config.checkpoint_dir, run_id)
-    return 0
+    print(f"run {run_id} done: test_accuracy {last['test_accuracy']:.4f} after {int(last['updates']):,} updates; "
+          f"tracking store {tracking.store_uri()}", flush=True)
 
 
 if __name__ == "__main__":
