@@ -64,7 +64,7 @@ def test_cifar100_with_a_missing_file_names_its_folder(tmp_path):
     (["--checkpoint_dir", "/proc/nope/ck"], "checkpoint_dir='/proc/nope/ck' is not allowed: expected a folder that "
                                              "can be created and written"),
     (["--checkpoint_dir", "{file}/ck"], "checkpoint_dir='{file}/ck' is not allowed: expected a folder that can be"),
-    (["--devices", "1000"], "devices='1000' is not allowed: expected auto or at most this machine's"),
+    (["--devices", "1000"], "devices='1000' is not allowed: expected auto or a whole number from 1 to this machine's"),
     (["--schedule", "step-lr", "--milestones", "60,,120"], "milestones='60,,120' is not allowed: expected "
                                                             "comma-separated whole numbers with none empty"),
 ])

@@ -15,7 +15,7 @@ import dataclasses
 import math
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from growing_batch.presets import PRESETS
 from growing_batch.presets import overrides as preset_overrides
@@ -34,74 +34,132 @@ class ConfigError(ValueError):
     """A parameter has a value that is not allowed. The message is one line."""
 
 
-def _field(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
+def machine_cores() -> int:
+    """The CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A field's own check: ``test(value)`` must hold; ``allowed`` says what is (after "expected")."""
+
+    test: Callable[[Any], bool]
+    allowed: str
+
+
+def one_of(options: Sequence[str], empty: bool = False) -> Rule:
+    return Rule(lambda value: value in options or (empty and value == ""),
+                f"{'empty or ' if empty else ''}one of {', '.join(options)}")
+
+
+def at_least(bound: float, what: str = "a number") -> Rule:
+    return Rule(lambda value: value >= bound, f"{what} >= {bound:g}")
+
+
+def whole_at_least(bound: int, zero_means: str = "") -> Rule:
+    allowed = f"a whole number >= {bound}" if not zero_means else f"0 ({zero_means}) or a whole number >= {bound}"
+    return Rule(lambda value: value >= bound or (bool(zero_means) and value == 0), allowed)
+
+
+def _field(default: Any, help: str, rule: Rule | None = None) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, "rule": rule})
+
+
+def _devices_rule() -> Rule:
+    def test(text: str) -> bool:
+        return text == "auto" or (text.isdigit() and 1 <= int(text) <= machine_cores())
+
+    return Rule(test, f"auto or a whole number from 1 to this machine's {machine_cores()} CPU cores (logical CPU "
+                      "devices beyond them only slow training; GPUs: at most those visible)")
+
+
+def _milestones_rule() -> Rule:
+    return Rule(lambda milestones: all(milestone >= 1 for milestone in milestones)
+                and all(a < b for a, b in zip(milestones, milestones[1:])),
+                "comma-separated whole numbers >= 1 in strictly increasing order, e.g. 60,120,160")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything that defines a training run. Epochs are counted from 1."""
+    """Everything that defines a training run. Epochs are counted from 1.
 
-    preset: str = _field("", "named experiment whose fields apply first (see growing_batch.presets); empty: none")
-    dataset: str = _field("fashion_mnist", f"data set: {', '.join(DATASETS)}")
-    model: str = _field("small-cnn", f"model: {', '.join(MODELS)}")
-    schedule: str = _field("lr-decay", f"schedule: {', '.join(SCHEDULES)}")
-    learning_rate: float = _field(0.1, "initial learning rate ε0 (> 0)")
-    batch_size: int = _field(128, "initial batch size B0 (>= 1)")
-    lr_decay: float = _field(
-        0.9, "per-epoch learning-rate factor of lr-decay and noise-matched, in (0, 1]"
-    )
-    batch_growth: float = _field(1.037, "per-epoch batch-size factor of batch-growth (>= 1)")
-    max_batch_size: int = _field(
-        0, "batch-size cap of the growing schedules; 0 means N/10 (N: training examples)"
-    )
-    min_batch_size: int = _field(0, "adaptive: the smallest batch size; 0 means batch_size")
-    max_batch_growth: float = _field(2.0, "adaptive: the most the batch size may grow (or shrink) in one epoch (>= 1)")
-    milestones: tuple[int, ...] = _field(
-        (60, 120, 160),
-        "epochs after which the step schedules change, comma-separated and increasing",
-    )
-    step_factor: float = _field(5.0, "factor of the step schedules at each milestone (>= 1)")
+    Each field declares its own check (:class:`Rule`), applied by :func:`validate`, which then checks
+    the rules that join fields, each once.
+    """
+
+    preset: str = _field("", "named experiment whose fields apply first (see growing_batch.presets); empty: none",
+                         one_of(tuple(PRESETS), empty=True))
+    dataset: str = _field("fashion_mnist", f"data set: {', '.join(DATASETS)}", one_of(DATASETS))
+    model: str = _field("small-cnn", f"model: {', '.join(MODELS)}", one_of(MODELS))
+    schedule: str = _field("lr-decay", f"schedule: {', '.join(SCHEDULES)}", one_of(tuple(SCHEDULES)))
+    learning_rate: float = _field(0.1, "initial learning rate ε0 (> 0)", Rule(lambda value: value > 0, "a number > 0"))
+    batch_size: int = _field(128, "initial batch size B0 (>= 1)", whole_at_least(1))
+    lr_decay: float = _field(0.9, "per-epoch learning-rate factor of lr-decay and noise-matched, in (0, 1]",
+                             Rule(lambda value: 0 < value <= 1, "a number in (0, 1]"))
+    batch_growth: float = _field(1.037, "per-epoch batch-size factor of batch-growth (>= 1)",
+                                 Rule(lambda value: value >= 1, "a number >= 1 (the batch never shrinks)"))
+    max_batch_size: int = _field(0, "batch-size cap of the growing schedules; 0 means N/10 (N: training examples)",
+                                 whole_at_least(1, zero_means="N/10"))
+    min_batch_size: int = _field(0, "adaptive: the smallest batch size; 0 means batch_size",
+                                 whole_at_least(1, zero_means="batch_size"))
+    max_batch_growth: float = _field(2.0, "adaptive: the most the batch size may grow (or shrink) in one epoch (>= 1)",
+                                     at_least(1))
+    milestones: tuple[int, ...] = _field((60, 120, 160),
+                                         "epochs after which the step schedules change, comma-separated and increasing",
+                                         _milestones_rule())
+    step_factor: float = _field(5.0, "factor of the step schedules at each milestone (>= 1)", at_least(1))
     measure_noise_scale: bool = _field(
         False, "estimate the gradient noise scale B_simple every epoch (on for the adaptive schedule)"
     )
-    optimizer: str = _field("sgd", f"optimizer: {', '.join(OPTIMIZERS)}")
+    optimizer: str = _field("sgd", f"optimizer: {', '.join(OPTIMIZERS)}", one_of(OPTIMIZERS))
     weight_decay: float = _field(
-        0.0, "SGD-style weight decay λ on every trainable parameter, as the L2 penalty (λ/2)·||w||² (>= 0)"
+        0.0, "SGD-style weight decay λ on every trainable parameter, as the L2 penalty (λ/2)·||w||² (>= 0)",
+        at_least(0)
     )
-    momentum: float = _field(
-        0.0, "SGD momentum, or Adam's beta_1 (the paper's Adam: 0.9), in [0, 1)"
-    )
+    momentum: float = _field(0.0, "SGD momentum, or Adam's beta_1 (the paper's Adam: 0.9), in [0, 1)",
+                             Rule(lambda value: 0 <= value < 1, "a number in [0, 1)"))
     nesterov: bool = _field(False, "Nesterov momentum (sgd with momentum > 0 only)")
-    epochs: int = _field(10, "number of epochs (>= 1)")
+    epochs: int = _field(10, "number of epochs (>= 1)", whole_at_least(1))
     augment: bool = _field(False, "random crops of 4-pixel reflect-padded images and horizontal flips, seeded")
     ghost_batch_size: int = _field(
-        0, "batch-norm statistics over virtual batches of this size (wrn-16-4); 0: the whole batch"
+        0, "batch-norm statistics over virtual batches of this size (wrn-16-4); 0: the whole batch",
+        whole_at_least(1, zero_means="off")
     )
     max_device_batch_size: int = _field(
-        0, "split larger batches into micro-batches of this size and accumulate; 0: no limit"
+        0, "split larger batches into micro-batches of this size and accumulate; 0: no limit",
+        whole_at_least(1, zero_means="no limit")
     )
     precision: str = _field(
-        "float32", f"{', '.join(PRECISIONS)} (Keras mixed precision: bfloat16 compute, float32 weights)"
+        "float32", f"{', '.join(PRECISIONS)} (Keras mixed precision: bfloat16 compute, float32 weights)",
+        one_of(PRECISIONS)
     )
     jit_compile: bool = _field(
         False, "compile the train step with XLA, padding batches to a few bucket sizes (zero-weight examples)"
     )
-    seed: int = _field(0, "seed of the validation split, initialisation and shuffling (>= 0)")
+    seed: int = _field(0, "seed of the validation split, initialisation and shuffling (>= 0)",
+                       Rule(lambda value: 0 <= value < 2**32, f"a whole number from 0 to {2**32 - 1} (NumPy's seeds)"))
     validation_size: int = _field(
-        5000, "training examples held out for validation, drawn without replacement (>= 0)"
+        5000, "training examples held out for validation, drawn without replacement (>= 0)", whole_at_least(0)
     )
     data_dir: str = _field(
-        "", "folder with the data set's files in Keras' formats; empty: local copies or download"
+        "", "folder with the data set's files in Keras' formats; empty: local copies or download",
+        Rule(lambda value: value == "" or os.path.isdir(value),
+             "an existing folder, or empty to use local copies or download")
     )
     max_examples: int = _field(
-        0, "use at most this many examples of each split (train, validation, test); 0: all"
+        0, "use at most this many examples of each split (train, validation, test); 0: all",
+        Rule(lambda value: value >= 0, "a whole number >= 0 (0: all)")
     )
     devices: str = _field(
-        "auto", "data-parallel replicas: auto (every GPU, else the CPU) or a number; on a CPU, N > 1 logical devices"
+        "auto", "data-parallel replicas: auto (every GPU, else the CPU) or a number; on a CPU, N > 1 logical devices",
+        _devices_rule()
     )
     checkpoint_dir: str = _field(
-        "checkpoints", "folder of the per-run checkpoints (<checkpoint_dir>/<run id>/), saved every epoch for resuming"
+        "checkpoints", "folder of the per-run checkpoints (<checkpoint_dir>/<run id>/), saved every epoch for resuming",
+        Rule(lambda value: value != "" and not os.path.isfile(value), "a folder path (created if missing), not a file")
     )
 
     def to_params(self) -> dict[str, str]:
@@ -197,158 +255,52 @@ def _require(condition: bool, name: str, value: Any, allowed: str) -> None:
 
 
 def validate(config: Config) -> Config:
-    """Check every field on its own and against the others; raise ConfigError on the first fault."""
-    _require(
-        config.preset == "" or config.preset in PRESETS,
-        "preset",
-        config.preset,
-        f"empty or one of {', '.join(PRESETS)}",
-    )
-    _require(config.dataset in DATASETS, "dataset", config.dataset, f"one of {', '.join(DATASETS)}")
-    _require(config.model in MODELS, "model", config.model, f"one of {', '.join(MODELS)}")
-    _require(
-        config.schedule in SCHEDULES, "schedule", config.schedule, f"one of {', '.join(SCHEDULES)}"
-    )
-    _require(
-        config.optimizer in OPTIMIZERS,
-        "optimizer",
-        config.optimizer,
-        f"one of {', '.join(OPTIMIZERS)}",
-    )
-    _require(config.learning_rate > 0, "learning_rate", config.learning_rate, "a number > 0")
-    _require(config.batch_size >= 1, "batch_size", config.batch_size, "a whole number >= 1")
-    _require(0 < config.lr_decay <= 1, "lr_decay", config.lr_decay, "a number in (0, 1]")
-    _require(
-        config.batch_growth >= 1,
-        "batch_growth",
-        config.batch_growth,
-        "a number >= 1 (the batch never shrinks)",
-    )
+    """Check every field by its own rule, then the rules that join fields; raise ConfigError on the
+    first fault."""
+    for field in fields():
+        rule = field.metadata["rule"]
+        if rule is not None:
+            _require(rule.test(getattr(config, field.name)), field.name, getattr(config, field.name), rule.allowed)
+    # The rules that join fields, each stated once.
     _require(
         config.max_batch_size == 0 or config.max_batch_size >= config.batch_size,
-        "max_batch_size",
-        config.max_batch_size,
-        f"0 (N/10) or a whole number >= batch_size ({config.batch_size})",
-    )
-    _require(
-        all(milestone >= 1 for milestone in config.milestones)
-        and all(a < b for a, b in zip(config.milestones, config.milestones[1:])),
-        "milestones",
-        config.milestones,
-        "comma-separated whole numbers >= 1 in strictly increasing order, e.g. 60,120,160",
+        "max_batch_size", config.max_batch_size, f"0 (N/10) or a whole number >= batch_size ({config.batch_size})",
     )
     _require(
         config.schedule not in MILESTONE_SCHEDULES or len(config.milestones) > 0,
-        "milestones",
-        config.milestones,
-        f"at least one milestone for schedule {config.schedule}",
+        "milestones", config.milestones, f"at least one milestone for schedule {config.schedule}",
     )
-    _require(config.step_factor >= 1, "step_factor", config.step_factor, "a number >= 1")
     _require(
-        0 <= config.min_batch_size <= config.batch_size,
-        "min_batch_size",
-        config.min_batch_size,
+        config.min_batch_size <= config.batch_size,
+        "min_batch_size", config.min_batch_size,
         f"0 (batch_size) or a whole number from 1 to batch_size ({config.batch_size})",
     )
-    _require(config.max_batch_growth >= 1, "max_batch_growth", config.max_batch_growth, "a number >= 1")
     _require(
         config.schedule != "adaptive" or config.measure_noise_scale,
-        "measure_noise_scale",
-        config.measure_noise_scale,
-        "true for schedule adaptive, which follows the measurement",
+        "measure_noise_scale", config.measure_noise_scale, "true for schedule adaptive, which follows the measurement",
     )
-    _require(0 <= config.momentum < 1, "momentum", config.momentum, "a number in [0, 1)")
     _require(
         not config.nesterov or (config.optimizer == "sgd" and config.momentum > 0),
-        "nesterov",
-        config.nesterov,
-        "false unless optimizer is sgd with momentum > 0",
-    )
-    _require(config.weight_decay >= 0, "weight_decay", config.weight_decay, "a number >= 0")
-    _require(config.epochs >= 1, "epochs", config.epochs, "a whole number >= 1")
-    _require(
-        config.ghost_batch_size >= 0,
-        "ghost_batch_size",
-        config.ghost_batch_size,
-        "0 (off) or a whole number >= 1",
+        "nesterov", config.nesterov, "false unless optimizer is sgd with momentum > 0",
     )
     _require(
         config.ghost_batch_size == 0 or config.model in BATCH_NORM_MODELS,
-        "ghost_batch_size",
-        config.ghost_batch_size,
+        "ghost_batch_size", config.ghost_batch_size,
         f"0 for model {config.model}, which has no batch norm (models with it: {', '.join(BATCH_NORM_MODELS)})",
     )
     _require(
-        config.max_device_batch_size >= 0,
-        "max_device_batch_size",
-        config.max_device_batch_size,
-        "0 (no limit) or a whole number >= 1",
-    )
-    _require(
-        config.max_device_batch_size == 0
-        or config.ghost_batch_size == 0
+        config.max_device_batch_size == 0 or config.ghost_batch_size == 0
         or config.max_device_batch_size % config.ghost_batch_size == 0,
-        "max_device_batch_size",
-        config.max_device_batch_size,
+        "max_device_batch_size", config.max_device_batch_size,
         f"a multiple of ghost_batch_size ({config.ghost_batch_size}), so that no ghost batch straddles two micro-batches",
-    )
-    _require(0 <= config.seed < 2**32, "seed", config.seed, f"a whole number from 0 to {2**32 - 1} (NumPy's seeds)")
-    _require(
-        config.validation_size >= 0, "validation_size", config.validation_size, "a whole number >= 0"
-    )
-    _require(
-        config.precision in PRECISIONS, "precision", config.precision, f"one of {', '.join(PRECISIONS)}"
     )
     _require(
         not config.jit_compile or (config.ghost_batch_size == 0 and config.max_device_batch_size == 0),
-        "jit_compile",
-        config.jit_compile,
+        "jit_compile", config.jit_compile,
         "false with ghost_batch_size or max_device_batch_size (padding examples would enter the "
         "batch statistics; micro-batches are not padded)",
     )
-    _require(
-        config.data_dir == "" or os.path.isdir(config.data_dir),
-        "data_dir",
-        config.data_dir,
-        "an existing folder, or empty to use local copies or download",
-    )
-    _require(
-        config.max_examples >= 0, "max_examples", config.max_examples, "a whole number >= 0 (0: all)"
-    )
-    _require(
-        config.devices == "auto" or (config.devices.isdigit() and int(config.devices) >= 1),
-        "devices",
-        config.devices,
-        "auto or a whole number >= 1",
-    )
-    _require(
-        config.devices == "auto" or int(config.devices) <= machine_cores(),
-        "devices",
-        config.devices,
-        f"auto or at most this machine's {machine_cores()} CPU cores (logical CPU devices beyond them only "
-        "slow training; GPUs: at most those visible)",
-    )
-    _require(
-        not config.jit_compile or config.devices in ("auto", "1"),
-        "jit_compile",
-        config.jit_compile,
-        "false with several devices (XLA's padded batches are for one device)",
-    )
-    _require(
-        config.checkpoint_dir != "" and not os.path.isfile(config.checkpoint_dir),
-        "checkpoint_dir",
-        config.checkpoint_dir,
-        "a folder path (created if missing), not a file",
-    )
     return config
-
-
-def machine_cores() -> int:
-    """The CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def warnings_for(config: Config) -> list[str]:

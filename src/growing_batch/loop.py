@@ -158,8 +158,6 @@ class TrainStep:
         self.strategy = strategy if strategy is not None else tf.distribute.get_strategy()
         self.replicas = self.strategy.num_replicas_in_sync
         self.split_unit = max(1, int(split_unit))
-        if jit_compile and (max_device_batch_size > 0 or self.replicas > 1):
-            raise ValueError("jit_compile (padding to buckets) needs one device and no max_device_batch_size.")
         self.traces = 0
         self.compiled_shapes: set[int] = set()
         with self.strategy.scope():

@@ -272,9 +272,7 @@ def build(
     standardization: tuple | None = None,
 ) -> keras.Model:
     """The model ``name``; ``standardization`` (per-channel mean and std) is the wide ResNet's input layer."""
-    if name == "small-cnn":
-        if ghost_batch_size:
-            raise ValueError("small-cnn has no batch norm: ghost_batch_size must be 0.")
+    if name == "small-cnn":  # no batch norm: ghost_batch_size is for the wide ResNet (the config checks it)
         return small_cnn(image_shape, num_classes, seed, weight_decay)
     if name == "wrn-16-4":
         return wide_resnet(image_shape, num_classes, 16, 4, ghost_batch_size, weight_decay, seed, standardization)
