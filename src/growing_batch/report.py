@@ -27,16 +27,14 @@ EXECUTION_TIMEOUT_SECONDS = 600
 
 def absolute_tracking_uri(uri: str) -> str:
     """``sqlite:///mlflow.db`` -> ``sqlite:////abs/path/mlflow.db`` (the notebook runs elsewhere)."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + os.path.abspath(uri[len(prefix):])
-    if "://" not in uri:  # a plain folder of a file store
-        return os.path.abspath(uri)
-    return uri
+    from growing_batch.analysis import absolute_tracking_uri as absolute
+
+    return absolute(uri)
 
 
-def execute_notebook(parameters: dict, notebook_path: str = NOTEBOOK):
-    """The notebook executed with ``parameters`` injected after its ``parameters`` cell."""
+def execute_notebook(parameters: dict | None, notebook_path: str = NOTEBOOK):
+    """The notebook executed with ``parameters`` injected after its ``parameters`` cell (``None``:
+    none injected; the notebook then reads MLflow's environment variables)."""
     import nbformat
     from nbclient import NotebookClient
 
@@ -47,15 +45,22 @@ def execute_notebook(parameters: dict, notebook_path: str = NOTEBOOK):
     )
     if index is None:
         raise ValueError(f"{notebook_path} has no cell tagged 'parameters'")
-    source = "# Injected by growing_batch.report\n" + "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
-    injected = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
-    notebook.cells.insert(index + 1, injected)
+    if parameters is not None:
+        _inject(notebook, index, parameters)
     client = NotebookClient(
         notebook, timeout=EXECUTION_TIMEOUT_SECONDS, kernel_name="python3",
         resources={"metadata": {"path": os.path.dirname(notebook_path)}},
     )
     client.execute()
     return notebook
+
+
+def _inject(notebook, index: int, parameters: dict) -> None:
+    import nbformat
+
+    source = "# Injected by growing_batch.report\n" + "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
+    injected = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    notebook.cells.insert(index + 1, injected)
 
 
 def report(run_id: str) -> int:
