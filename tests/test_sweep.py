@@ -157,7 +157,8 @@ def test_summary_numbers_equal_the_metric_histories(swept):
 
 @pytest.mark.e2e
 def test_the_notebook_and_the_report_run_headless_on_the_sweep(swept, monkeypatch):
-    _, uri, _, _ = swept
+    tmp_path, uri, _, _ = swept
+    monkeypatch.chdir(tmp_path)  # nothing lands in the working directory
     (parent,), _, _ = sweep_runs(uri)
     notebook = report.execute_notebook({"TRACKING_URI": uri, "EXPERIMENT_NAME": "", "PARENT_RUN_ID": parent.info.run_id})
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
