@@ -284,7 +284,8 @@ def main(argv=None) -> int:
     print()
     print(format_schedule_table(schedule_summary(runs, history)))
     print(f"\nOpen the MLflow UI on these runs:  mlflow ui --backend-store-uri {uri}")
-    print("then http://127.0.0.1:5000: the experiment, select runs, Compare; or Chart view with x-axis 'updates'.")
+    print("then http://127.0.0.1:5000: the experiment, its 'Model training' (Training runs) view; Chart view with "
+          "x-axis 'updates'; or select runs, Compare, 'Show diff only'.")
     return 0
 
 
