@@ -1,5 +1,6 @@
 """Analysis tables and figures read back from a tiny store of fake runs; what the notebook reads."""
 
+import matplotlib.colors
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -71,7 +72,8 @@ def test_figures_are_means_over_seeds_with_a_band_and_empty_ones_say_why(fake_st
     assert set(lines) == {"lr-decay (2 seeds)", "noise-matched (3 seeds)"}
     # seeds 0 and 1 of lr-decay differ by 0.01: the mean is the middle, the band ±1 sample std around it
     assert list(lines["lr-decay (2 seeds)"].get_ydata()) == pytest.approx([0.605, 0.705, 0.805])
-    (band, *_) = axis.collections
+    line_colour = matplotlib.colors.to_rgb(lines["lr-decay (2 seeds)"].get_color())
+    (band,) = [band for band in axis.collections if tuple(band.get_facecolor()[0][:3]) == pytest.approx(line_colour)]
     low, high = band.get_paths()[0].vertices[:, 1].min(), band.get_paths()[0].vertices[:, 1].max()
     std = 0.01 / 2 ** 0.5
     assert (low, high) == pytest.approx((0.605 - std, 0.805 + std))
