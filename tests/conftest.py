@@ -40,3 +40,22 @@ def tracking_uri(tmp_path, monkeypatch):
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+
+
+# Caches that pytest and Python write on purpose; anything else a test leaves here is a bug.
+EXPECTED_LEFTOVERS = {".pytest_cache", "__pycache__"}
+
+
+def _entries(folders):
+    return {os.path.join(folder, name) for folder in folders if os.path.isdir(folder) for name in os.listdir(folder)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def working_directory_stays_clean():
+    """Tests leave nothing in the project or the working directory (no mlruns/, mlflow.db,
+    checkpoints/, ...): they write under tmp_path (the `tracking_uri` fixture changes into it)."""
+    folders = {PROJECT_DIR, os.path.join(PROJECT_DIR, "notebooks"), os.getcwd()}
+    before = _entries(folders)
+    yield
+    left = sorted(path for path in _entries(folders) - before if os.path.basename(path) not in EXPECTED_LEFTOVERS)
+    assert not left, f"tests left these behind: {left}"

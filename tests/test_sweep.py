@@ -157,13 +157,17 @@ def test_summary_numbers_equal_the_metric_histories(swept):
 
 @pytest.mark.e2e
 def test_the_notebook_and_the_report_run_headless_on_the_sweep(swept, monkeypatch):
-    _, uri, _, _ = swept
+    tmp_path, uri, _, _ = swept
+    monkeypatch.chdir(tmp_path)  # nothing lands in the working directory
     (parent,), _, _ = sweep_runs(uri)
     notebook = report.execute_notebook({"TRACKING_URI": uri, "EXPERIMENT_NAME": "", "PARENT_RUN_ID": parent.info.run_id})
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 5  # 4 + the noise-scale figure (empty here)
-    assert any("all 4 figures draw all 4 runs" in o.get("text", "") for o in outputs)
+    text = "".join(o.get("text", "") for o in outputs)
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4  # the noise-scale one is left out, saying why
+    assert "No run measured the gradient noise scale" in text
+    assert f"Read the children of sweep run {parent.info.run_id} in experiment 'sweeps' from {uri}: 4 runs" in text
+    assert "all 4 figures draw all 4 runs" in text
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     import mlflow

@@ -8,7 +8,7 @@ schedule over seeds, and the command that opens the MLflow UI on the same store.
 
 Two tables describe a set of runs:
 
-* ``runs``: one row per run — ``run_id``, ``run_name``, ``status``, ``member`` (the sweep member: a
+* ``runs``: one row per run — ``run_id``, ``run_name``, ``status`` (see ``run_status``), ``member`` (the sweep member: a
   preset or schedule name; outside a sweep the run's preset, else its schedule), ``schedule``, ``seed``,
   ``start_time`` and every ``resolved.*`` param (without the prefix, e.g. ``batch_size``) under
   ``param_<name>``;
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+from dataclasses import dataclass
 
 import mlflow
 import numpy as np
@@ -31,6 +33,64 @@ from growing_batch.metrics import EPOCH_METRICS, NOISE_METRICS
 
 # Schedules that decay the learning rate at a fixed batch: the baseline of the summary's ratios.
 BASELINE_SCHEDULES = ("lr-decay", "step-lr")
+
+PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# What the notebook reads when neither its parameters nor MLflow's environment variables say.
+DEFAULT_EXPERIMENT_NAME = "quick-fashion-mnist"  # the main job's (make main)
+
+
+def run_status(status: str, tags: dict) -> str:
+    """The status the tables show: KILLED for a FAILED run tagged ``interrupted`` — a run stopped by a
+    signal under ``mlflow run``, whose KILLED status could not be written back after ``mlflow run``
+    marked it FAILED — else the store's status."""
+    return "KILLED" if status == "FAILED" and "interrupted" in tags else status
+
+
+def absolute_tracking_uri(uri: str, base: str | None = None) -> str:
+    """A relative sqlite path or store folder made absolute from ``base`` (default: the working
+    directory): ``sqlite:///mlflow.db`` -> ``sqlite:////abs/path/mlflow.db``. Other URIs as they are."""
+    base = base or os.getcwd()
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + os.path.normpath(os.path.join(base, uri[len(prefix):]))
+    if "://" not in uri and not uri.startswith("file:"):  # a plain folder of a file store
+        return os.path.normpath(os.path.join(base, uri))
+    return uri
+
+
+@dataclass(frozen=True)
+class Source:
+    """Which runs to read: a tracking store and an experiment, or a sweep's parent run in it."""
+
+    tracking_uri: str
+    experiment_name: str
+    parent_run_id: str
+
+    def describe(self, runs: pd.DataFrame | None = None, history: pd.DataFrame | None = None) -> str:
+        """E.g. ``Read experiment 'quick' from sqlite:////x/mlflow.db: 4 runs, 40 run-epochs.``"""
+        if self.parent_run_id:
+            what = f"the children of sweep run {self.parent_run_id} in experiment {self.experiment_name!r}"
+        else:
+            what = f"experiment {self.experiment_name!r}"
+        counts = "" if runs is None else f": {len(runs)} runs, {0 if history is None else len(history)} run-epochs"
+        return f"Read {what} from {self.tracking_uri}{counts}."
+
+
+def notebook_source(tracking_uri: str = "", experiment_name: str = "", parent_run_id: str = "",
+                    environ=None, project_dir: str = PROJECT_DIR) -> Source:
+    """What the analysis notebook reads. Its parameters, when set (injected as papermill does, or
+    edited), win; else MLflow's own ``MLFLOW_TRACKING_URI`` and ``MLFLOW_EXPERIMENT_NAME``; else the
+    project's ``mlflow.db`` and the main job's experiment. A relative store path is taken from the
+    project folder (the notebook's kernel runs in ``notebooks/``). A parent run wins over an
+    experiment, and the experiment named is then the parent's."""
+    environ = os.environ if environ is None else environ
+    uri = tracking_uri or environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    uri = absolute_tracking_uri(uri, project_dir)
+    if parent_run_id:
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment(client.get_run(parent_run_id).info.experiment_id)
+        return Source(uri, experiment.name, parent_run_id)
+    return Source(uri, experiment_name or environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT_NAME, "")
 
 
 def _runs_of(client: MlflowClient, experiment_name: str | None, parent_run_id: str | None):
@@ -71,7 +131,7 @@ def load_runs(
         row = {
             "run_id": run.info.run_id,
             "run_name": run.info.run_name,
-            "status": run.info.status,
+            "status": run_status(run.info.status, tags),
             "member": member,
             "schedule": tags.get("schedule", ""),
             "seed": seed,
@@ -224,7 +284,8 @@ def main(argv=None) -> int:
     print()
     print(format_schedule_table(schedule_summary(runs, history)))
     print(f"\nOpen the MLflow UI on these runs:  mlflow ui --backend-store-uri {uri}")
-    print("then http://127.0.0.1:5000: the experiment, select runs, Compare; or Chart view with x-axis 'updates'.")
+    print("then http://127.0.0.1:5000: the experiment, its 'Model training' (Training runs) view; Chart view with "
+          "x-axis 'updates'; or select runs, Compare, 'Show diff only'.")
     return 0
 
 

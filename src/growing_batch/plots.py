@@ -65,12 +65,27 @@ def training_curves_figure(rows: list[dict], title: str = ""):
 
 
 def _member_curves(history, x: str, y: str):
-    """Per member: x (mean over seeds), mean y and its standard deviation over seeds, per epoch."""
+    """Per member: x (mean over seeds), mean y and its standard deviation over seeds (sample; 0 for
+    one seed), per epoch, and the member's run ids. Members without a value of ``y`` are left out."""
     if y not in history.columns:  # e.g. noise_scale of Adam runs, which is not logged
         return
     for member, group in history.groupby("member", sort=False):
         per_epoch = group.dropna(subset=[y]).groupby("epoch")
+        if not len(per_epoch):
+            continue
         yield member, per_epoch[x].mean(), per_epoch[y].mean(), per_epoch[y].std(ddof=1).fillna(0.0), group["run_id"].unique()
+
+
+def _mean_and_band(axis, x, mean, std, **line):
+    """The mean over seeds as a line and ±1 standard deviation as a band of the same colour."""
+    drawn = axis.plot(x, mean, **line)[0]
+    step = {"step": "post"} if line.get("drawstyle") == "steps-post" else {}
+    axis.fill_between(x, mean - std, mean + std, color=drawn.get_color(), alpha=0.2, linewidth=0, **step)
+    return drawn
+
+
+def _seeds(runs) -> str:
+    return f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
 
 
 def _annotate(figure, history) -> None:
@@ -78,12 +93,13 @@ def _annotate(figure, history) -> None:
 
 
 def schedules_comparison_figure(history, title: str = "schedules"):
-    """ε, B and noise scale per epoch, one line per schedule (the paper's Fig. 1)."""
+    """ε, B and noise scale per epoch, one line per schedule: the mean over seeds with a ±1 std band
+    (the paper's Fig. 1; seeds differ only where the schedule follows a measurement, as ``adaptive``)."""
     figure, axes = _subplots(1, 3, (14, 3.8))
     for axis, (name, label) in zip(axes, (("learning_rate", "learning rate ε"), ("batch_size", "batch size B"),
                                           ("noise_scale", "noise scale εN/(B(1−m))"))):
-        for member, x, mean, _, _ in _member_curves(history, "epoch", name):
-            axis.plot(x, mean, drawstyle="steps-post", label=member)
+        for member, x, mean, std, runs in _member_curves(history, "epoch", name):
+            _mean_and_band(axis, x, mean, std, drawstyle="steps-post", label=f"{member} ({_seeds(runs)})")
         axis.set_xlabel("epoch")
         axis.set_ylabel(label)
         axis.set_yscale("log")
@@ -100,8 +116,7 @@ def curves_figure(history, y: str, xs=("epoch", "updates"), title: str = ""):
     figure, axes = _subplots(1, len(xs), (6.5 * len(xs), 4.2), squeeze=False)
     for axis, x_name in zip(axes[0], xs):
         for member, x, mean, std, runs in _member_curves(history, x_name, y):
-            line = axis.plot(x, mean, label=f"{member} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")[0]
-            axis.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+            _mean_and_band(axis, x, mean, std, label=f"{member} ({_seeds(runs)})")
         axis.set_xlabel(labels.get(x_name, x_name))
         axis.set_ylabel(y.replace("_", " "))
         axis.grid(alpha=0.3)
@@ -132,7 +147,7 @@ def noise_scale_figure(history, title: str = "measured gradient noise scale and 
             axis.text(0.5, 0.5, "no run measured the gradient noise scale\n(measure_noise_scale=true)",
                       ha="center", va="center", transform=axis.transAxes)
     for member, x, mean, std, runs in _member_curves(measured, "epoch", "gradient_noise_scale"):
-        line = axes[0].plot(x, mean, linestyle="--", label=f"{member}: measured B_simple")[0]
+        line = _mean_and_band(axes[0], x, mean, std, linestyle="--", label=f"{member}: measured B_simple ({_seeds(runs)})")
         _, _, batch, _, _ = next(_member_curves(measured[measured["member"] == member], "epoch", "batch_size"))
         axes[0].plot(batch.index, batch, drawstyle="steps-post", color=line.get_color(), label=f"{member}: batch size")
         axes[1].scatter(batch.reindex(mean.index), mean, color=line.get_color(), label=member, s=14)
@@ -152,6 +167,34 @@ def noise_scale_figure(history, title: str = "measured gradient noise scale and 
     figure.suptitle(title)
     _annotate(figure, measured)
     return figure
+
+
+NO_NOISE_SCALE = ("No run measured the gradient noise scale (measure_noise_scale=true, or schedule=adaptive), "
+                  "so its figure is left out.")
+
+
+def figure_or_reason(history, name: str):
+    """The notebook's figure ``name`` (a key of ``comparison_figures`` without ``.png``) for these runs,
+    or, where it would have no data, the sentence saying why it is left out."""
+    makers = {
+        "schedules": ("learning_rate", lambda: schedules_comparison_figure(history)),
+        "train_loss": ("train_loss", lambda: curves_figure(history, "train_loss", title="training loss (paper Fig. 2)")),
+        "test_accuracy": ("test_accuracy", lambda: curves_figure(history, "test_accuracy",
+                                                                 title="test accuracy (paper Figs. 3–5)")),
+        "test_accuracy_wall_clock": ("test_accuracy", lambda: curves_figure(
+            history, "test_accuracy", xs=("wall_seconds",), title="test accuracy against wall-clock time")),
+        "gradient_noise_scale": ("gradient_noise_scale", lambda: noise_scale_figure(history)),
+    }
+    if name not in makers:
+        raise ValueError(f"name={name!r}: expected one of {', '.join(makers)}")
+    metric, make = makers[name]
+    if len(history) == 0:
+        return "No run here logged an epoch, so this figure is left out."
+    if name == "gradient_noise_scale" and measured_runs(history).empty:
+        return NO_NOISE_SCALE
+    if metric not in history or history[metric].isna().all():
+        return f"No run here logged {metric}, so this figure is left out."
+    return make()
 
 
 def comparison_figures(history) -> dict:

@@ -7,11 +7,19 @@ Runs ``notebooks/analysis.ipynb`` with its parameters set to this tracking store
 URI) and the sweep's parent run — a cell inserted after the one tagged ``parameters``, as
 papermill does — and logs to the parent run ``report/analysis.html`` (the rendered notebook),
 ``report/analysis.ipynb`` (with outputs) and the figures under ``report/``.
+
+Under ``mlflow run``, MLflow makes a run of its own for the entry point before the script starts (in
+the Default experiment unless ``--experiment-name`` says otherwise), and would leave it empty. After a
+report succeeds, that run is deleted once ``mlflow run`` has exited and marked it FINISHED (a small
+detached process waits for it, as MLflow cannot delete a run it is still to terminate): deleted as
+the UI's *Delete* does, so ``mlflow gc`` can purge it. A report that fails keeps that run, FAILED with
+its ``error`` tag.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import mlflow
@@ -23,20 +31,66 @@ from growing_batch.errors import exit_with_error
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NOTEBOOK = os.path.join(PROJECT_DIR, "notebooks", "analysis.ipynb")
 EXECUTION_TIMEOUT_SECONDS = 600
+MLFLOW_RUN_WAIT_SECONDS = 300  # how long the detached process waits for `mlflow run` to exit
+
+# The detached process: wait for `mlflow run` (pid, start time) to exit, then delete its run.
+_DELETE_AFTER_MLFLOW_RUN = """
+import sys, psutil
+from mlflow.tracking import MlflowClient
+run_id, pid, started, wait = sys.argv[1:5]
+try:
+    process = psutil.Process(int(pid))
+    if abs(process.create_time() - float(started)) < 1e-3:
+        process.wait(timeout=float(wait))
+except (psutil.Error, psutil.TimeoutExpired):
+    pass
+MlflowClient().delete_run(run_id)
+"""
+
+
+def mlflow_run_process(run_id: str):
+    """The ``mlflow run`` process whose run is ``run_id`` (the nearest ``mlflow run`` ancestor whose
+    child on the way here got ``MLFLOW_RUN_ID`` = ``run_id``), else None. The same rule as
+    ``growing_batch.tracking.mlflow_run_process``, without importing Keras."""
+    import psutil
+
+    try:
+        chain = [psutil.Process(), *psutil.Process().parents()]
+        for child, parent in zip(chain, chain[1:]):
+            command = parent.cmdline()
+            if any(os.path.basename(part) == "mlflow" and following == "run"
+                   for part, following in zip(command, command[1:])):
+                return parent if child.environ().get("MLFLOW_RUN_ID") == run_id else None
+    except psutil.Error:
+        return None
+    return None
+
+
+def delete_after_mlflow_run(run_id: str) -> bool:
+    """Under ``mlflow run`` for ``run_id``: delete that run once ``mlflow run`` has exited (a detached
+    process). Returns whether it will; elsewhere does nothing."""
+    process = mlflow_run_process(run_id)
+    if process is None:
+        return False
+    subprocess.Popen(
+        [sys.executable, "-c", _DELETE_AFTER_MLFLOW_RUN, run_id, str(process.pid), repr(process.create_time()),
+         str(MLFLOW_RUN_WAIT_SECONDS)],
+        env=dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri()), start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+    )
+    return True
 
 
 def absolute_tracking_uri(uri: str) -> str:
     """``sqlite:///mlflow.db`` -> ``sqlite:////abs/path/mlflow.db`` (the notebook runs elsewhere)."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + os.path.abspath(uri[len(prefix):])
-    if "://" not in uri:  # a plain folder of a file store
-        return os.path.abspath(uri)
-    return uri
+    from growing_batch.analysis import absolute_tracking_uri as absolute
+
+    return absolute(uri)
 
 
-def execute_notebook(parameters: dict, notebook_path: str = NOTEBOOK):
-    """The notebook executed with ``parameters`` injected after its ``parameters`` cell."""
+def execute_notebook(parameters: dict | None, notebook_path: str = NOTEBOOK):
+    """The notebook executed with ``parameters`` injected after its ``parameters`` cell (``None``:
+    none injected; the notebook then reads MLflow's environment variables)."""
     import nbformat
     from nbclient import NotebookClient
 
@@ -47,15 +101,22 @@ def execute_notebook(parameters: dict, notebook_path: str = NOTEBOOK):
     )
     if index is None:
         raise ValueError(f"{notebook_path} has no cell tagged 'parameters'")
-    source = "# Injected by growing_batch.report\n" + "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
-    injected = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
-    notebook.cells.insert(index + 1, injected)
+    if parameters is not None:
+        _inject(notebook, index, parameters)
     client = NotebookClient(
         notebook, timeout=EXECUTION_TIMEOUT_SECONDS, kernel_name="python3",
         resources={"metadata": {"path": os.path.dirname(notebook_path)}},
     )
     client.execute()
     return notebook
+
+
+def _inject(notebook, index: int, parameters: dict) -> None:
+    import nbformat
+
+    source = "# Injected by growing_batch.report\n" + "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
+    injected = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    notebook.cells.insert(index + 1, injected)
 
 
 def report(run_id: str) -> int:
@@ -77,10 +138,14 @@ def report(run_id: str) -> int:
     figures = plots.comparison_figures(history)
     for name, figure in figures.items():
         client.log_figure(run_id, figure, f"report/{name}")
+    experiment = client.get_experiment(parent.info.experiment_id).name
+    print(f"logged to run {run_id} (experiment {experiment!r}): report/analysis.html, report/analysis.ipynb "
+          f"and {len(figures)} figures")
     current = os.environ.get("MLFLOW_RUN_ID")
     if current and current != run_id:
         client.set_tag(current, "report_for", run_id)
-    print(f"logged to run {run_id}: report/analysis.html, report/analysis.ipynb and {len(figures)} figures")
+        if delete_after_mlflow_run(current):
+            print(f"the run {current} that `mlflow run` made for this entry point is deleted once it exits")
     return 0
 
 
