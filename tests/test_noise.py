@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from mlflow.tracking import MlflowClient
 
-from growing_batch import loop, noise, schedules, train
+from growing_batch import noise, schedules, train
 from growing_batch.config import ConfigError, from_args
 from growing_batch.metrics import NOISE_METRICS
 

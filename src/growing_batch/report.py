@@ -19,7 +19,6 @@ its ``error`` tag.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import mlflow
@@ -31,54 +30,14 @@ from growing_batch.errors import exit_with_error
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NOTEBOOK = os.path.join(PROJECT_DIR, "notebooks", "analysis.ipynb")
 EXECUTION_TIMEOUT_SECONDS = 600
-MLFLOW_RUN_WAIT_SECONDS = 300  # how long the detached process waits for `mlflow run` to exit
-
-# The detached process: wait for `mlflow run` (pid, start time) to exit, then delete its run.
-_DELETE_AFTER_MLFLOW_RUN = """
-import sys, psutil
-from mlflow.tracking import MlflowClient
-run_id, pid, started, wait = sys.argv[1:5]
-try:
-    process = psutil.Process(int(pid))
-    if abs(process.create_time() - float(started)) < 1e-3:
-        process.wait(timeout=float(wait))
-except (psutil.Error, psutil.TimeoutExpired):
-    pass
-MlflowClient().delete_run(run_id)
-"""
-
-
-def mlflow_run_process(run_id: str):
-    """The ``mlflow run`` process whose run is ``run_id`` (the nearest ``mlflow run`` ancestor whose
-    child on the way here got ``MLFLOW_RUN_ID`` = ``run_id``), else None. The same rule as
-    ``growing_batch.tracking.mlflow_run_process``, without importing Keras."""
-    import psutil
-
-    try:
-        chain = [psutil.Process(), *psutil.Process().parents()]
-        for child, parent in zip(chain, chain[1:]):
-            command = parent.cmdline()
-            if any(os.path.basename(part) == "mlflow" and following == "run"
-                   for part, following in zip(command, command[1:])):
-                return parent if child.environ().get("MLFLOW_RUN_ID") == run_id else None
-    except psutil.Error:
-        return None
-    return None
 
 
 def delete_after_mlflow_run(run_id: str) -> bool:
-    """Under ``mlflow run`` for ``run_id``: delete that run once ``mlflow run`` has exited (a detached
-    process). Returns whether it will; elsewhere does nothing."""
-    process = mlflow_run_process(run_id)
-    if process is None:
-        return False
-    subprocess.Popen(
-        [sys.executable, "-c", _DELETE_AFTER_MLFLOW_RUN, run_id, str(process.pid), repr(process.create_time()),
-         str(MLFLOW_RUN_WAIT_SECONDS)],
-        env=dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri()), start_new_session=True,
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
-    )
-    return True
+    """Under ``mlflow run`` for ``run_id``: delete that run once ``mlflow run`` has exited
+    (growing_batch.tracking). Returns whether it will; elsewhere does nothing."""
+    from growing_batch import tracking
+
+    return tracking.delete_after_mlflow_run(run_id)
 
 
 def absolute_tracking_uri(uri: str) -> str:

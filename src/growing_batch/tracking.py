@@ -104,6 +104,30 @@ if info.status == "FAILED" and (info.status, str(info.end_time)) != (status, end
 """
 
 
+# The same wait, then delete the run (the report entry point's own run, once its report is logged).
+_DELETE = """
+import sys, psutil
+from mlflow.tracking import MlflowClient
+run_id, pid, started, wait = sys.argv[1:5]
+try:
+    process = psutil.Process(int(pid))
+    if abs(process.create_time() - float(started)) < 1e-3:
+        process.wait(timeout=float(wait))
+except (psutil.Error, psutil.TimeoutExpired):
+    pass
+MlflowClient().delete_run(run_id)
+"""
+
+
+def _after_mlflow_run(process, script: str, *arguments: str) -> None:
+    """Run ``script`` in a detached process that outlives this one (and ``mlflow run``)."""
+    subprocess.Popen(
+        [sys.executable, "-c", script, *arguments],
+        env=dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri()), start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+    )
+
+
 def keep_status_after_mlflow_run(run_id: str | None) -> None:
     """Under ``mlflow run`` for ``run_id``: have the run keep the status and end time it has now once
     ``mlflow run`` has exited (see the module); elsewhere nothing. Never raises."""
@@ -112,14 +136,21 @@ def keep_status_after_mlflow_run(run_id: str | None) -> None:
         return
     try:
         info = MlflowClient().get_run(run_id).info
-        subprocess.Popen(
-            [sys.executable, "-c", _WRITE_BACK, run_id, info.status, str(info.end_time), str(process.pid),
-             repr(process.create_time()), str(MLFLOW_RUN_WAIT_SECONDS)],
-            env=dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri()), start_new_session=True,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
-        )
+        _after_mlflow_run(process, _WRITE_BACK, run_id, info.status, str(info.end_time), str(process.pid),
+                          repr(process.create_time()), str(MLFLOW_RUN_WAIT_SECONDS))
     except Exception as error:  # the store may be what failed; the tag `interrupted` still tells
         print(f"warning: run {run_id} may show the status `mlflow run` sets, FAILED ({error})", file=sys.stderr)
+
+
+def delete_after_mlflow_run(run_id: str) -> bool:
+    """Under ``mlflow run`` for ``run_id``: delete that run once ``mlflow run`` has exited (it fails if
+    its run is deleted before it marks it). Returns whether it will; elsewhere does nothing."""
+    process = mlflow_run_process(run_id)
+    if process is None:
+        return False
+    _after_mlflow_run(process, _DELETE, run_id, str(process.pid), repr(process.create_time()),
+                      str(MLFLOW_RUN_WAIT_SECONDS))
+    return True
 
 
 # --- the run's status: every change of it in the package is made here ---------------------------
