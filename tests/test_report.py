@@ -55,12 +55,12 @@ def test_report_under_mlflow_run_logs_to_the_parent_and_deletes_its_own_run(tmp_
 
 
 def test_report_outside_mlflow_run_deletes_nothing(tmp_path, monkeypatch):
-    from growing_batch import report
+    from growing_batch import report, tracking
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     parent, _ = fake_sweep(uri, str(tmp_path / "artifacts"))
     own = MlflowClient(uri).create_run("0").info.run_id  # MLFLOW_RUN_ID set by hand, not by `mlflow run`
     assert report.delete_after_mlflow_run(own) is False
-    assert report.mlflow_run_process(own) is None
+    assert tracking.mlflow_run_process(own) is None
     assert MlflowClient(uri).get_run(parent).info.lifecycle_stage == "active"
