@@ -240,3 +240,47 @@ class RunLock:
             self._handle.close()
             self._handle = None
         return False
+
+
+def _checkpoint_callback_class():
+    """The Keras callback class, defined on first use: Keras (and TensorFlow) load only when a run
+    trains, so the checks before it answer in seconds."""
+    import math
+
+    import keras
+
+    from growing_batch.loop import loss_diverged
+    from growing_batch.metrics import epoch_numbers
+
+    class CheckpointCallback(keras.callbacks.Callback):
+        """Saves the run's checkpoint (:mod:`growing_batch.checkpoint`) at the end of every epoch.
+
+        ``state`` holds what was done before (empty for a new run); each epoch adds its logged numbers.
+        A diverged epoch (:func:`loss_diverged`) is not saved: the last good epoch's checkpoint stays.
+        """
+
+        def __init__(self, checkpoint_dir: str, run_id: str, state: State):
+            super().__init__()
+            self.checkpoint_dir = checkpoint_dir
+            self.run_id = run_id
+            self.state = state
+
+        def on_epoch_end(self, epoch: int, logs=None) -> None:
+            numbers = epoch_numbers(logs)
+            first_loss = self.state.rows[0]["train_loss"] if self.state.rows else None
+            if loss_diverged(numbers.get("train_loss", math.nan), first_loss):
+                return
+            self.state.epoch = epoch + 1
+            self.state.updates = int(numbers["updates"])
+            self.state.examples_seen = int(numbers["examples_seen"])
+            self.state.rows = [*self.state.rows, {"epoch": epoch + 1, **numbers}]
+            save(self.checkpoint_dir, self.run_id, self.model, self.state)
+
+    return CheckpointCallback
+
+
+def __getattr__(name: str):
+    if name == "CheckpointCallback":  # see _checkpoint_callback_class
+        globals()[name] = _checkpoint_callback_class()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

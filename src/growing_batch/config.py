@@ -210,7 +210,7 @@ def _parse_float(name: str, text: str) -> float:
     return number
 
 
-def _parse_bool(name: str, text: str) -> bool:
+def parse_bool(name: str, text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("true", "1", "yes"):
         return True
@@ -240,7 +240,7 @@ def parse_value(name: str, text: str) -> Any:
     if kind == "float":
         return _parse_float(name, text)
     if kind == "bool":
-        return _parse_bool(name, text)
+        return parse_bool(name, text)
     if kind == "tuple[int, ...]":
         return _parse_milestones(name, text)
     return text.strip()

@@ -455,8 +455,7 @@ EVALUATION_BATCH_SIZE = 4096
 class EvaluationBatches:
     """A split held on the device, evaluated in fixed, unshuffled batches of ``batch_size``.
 
-    Iterating yields (images, labels) batches scaled to [0, 1]; the loop's evaluator instead slices
-    them inside its compiled step.
+    The loop's evaluator slices each batch out inside its compiled step.
     """
 
     def __init__(self, split: Split, batch_size: int = EVALUATION_BATCH_SIZE):
@@ -470,10 +469,6 @@ class EvaluationBatches:
 
     def bounds(self) -> list[tuple[int, int]]:
         return [(start, min(start + self.batch_size, self.size)) for start in range(0, self.size, self.batch_size)]
-
-    def __iter__(self):
-        for start, stop in self.bounds():
-            yield to_unit_range(self.images[start:stop]), self.labels[start:stop]
 
 
 def evaluation_batches(split: Split, batch_size: int = EVALUATION_BATCH_SIZE) -> EvaluationBatches:

@@ -27,7 +27,6 @@ import tensorflow as tf
 
 from growing_batch import checkpoint, data
 from growing_batch.data import EpochBatches
-from growing_batch.metrics import epoch_numbers
 from growing_batch.schedules import Schedule
 
 
@@ -351,7 +350,7 @@ class Trainer:
 
     def fit(self, state: checkpoint.State | None = None, epochs: int = 1,
             callbacks: Iterable[keras.callbacks.Callback] = (), verbose: int = 1,
-            interruption: Interruption | None = None) -> keras.callbacks.History:
+            interruption=None) -> keras.callbacks.History:
         """Train up to epoch ``epochs`` (counted from 1), continuing after ``state`` (a checkpoint's
         epochs done, updates, examples seen and logged rows; None: from the start).
 
@@ -372,7 +371,8 @@ class Trainer:
         training metrics and schedule go to ``on_epoch_end`` (no evaluation of the broken weights)
         and the returned history's ``diverged_epoch`` is that epoch, else None.
 
-        Interruption: when ``interruption.requested`` turns true (a signal arrived), training stops
+        Interruption: when ``interruption.requested`` turns true (a signal arrived: the entry point's
+        ``growing_batch.train.Interruption`` sets it), training stops
         after the current batch, that unfinished epoch is dropped (no ``on_epoch_end``, no
         ``on_train_end``) and :class:`TrainingInterrupted` is raised. A signal during the last
         epoch's evaluation or logging lets training end normally.
@@ -457,69 +457,3 @@ class TrainingInterrupted(Exception):
         super().__init__(f"{signal_name} during epoch {epoch}")
         self.signal_name = signal_name
         self.epoch = epoch
-
-
-class Interruption:
-    """Turns SIGINT and SIGTERM into a request to stop that :func:`fit` honours between batches.
-
-    Use as a context manager around training; ``requested`` is the signal's name once one arrived.
-    A second SIGINT while the first is being honoured raises KeyboardInterrupt at once.
-    """
-
-    SIGNALS = ("SIGINT", "SIGTERM")
-
-    def __init__(self):
-        self.requested: str | None = None
-        self._previous: dict = {}
-
-    def _handle(self, number, frame):
-        import signal
-
-        name = signal.Signals(number).name
-        if self.requested and name == "SIGINT":
-            raise KeyboardInterrupt
-        self.requested = name
-        print(f"\n{name} received: stopping after this batch (press Ctrl-C again to quit at once)", flush=True)
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            for name in self.SIGNALS:
-                number = getattr(signal, name)
-                self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def __exit__(self, *exc_info):
-        import signal
-
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        self._previous = {}
-        return False
-
-
-class CheckpointCallback(keras.callbacks.Callback):
-    """Saves the run's checkpoint (:mod:`growing_batch.checkpoint`) at the end of every epoch.
-
-    ``state`` holds what was done before (empty for a new run); each epoch adds its logged numbers.
-    A diverged epoch (:func:`loss_diverged`) is not saved: the last good epoch's checkpoint stays.
-    """
-
-    def __init__(self, checkpoint_dir: str, run_id: str, state: checkpoint.State):
-        super().__init__()
-        self.checkpoint_dir = checkpoint_dir
-        self.run_id = run_id
-        self.state = state
-
-    def on_epoch_end(self, epoch: int, logs=None) -> None:
-        numbers = epoch_numbers(logs)
-        first_loss = self.state.rows[0]["train_loss"] if self.state.rows else None
-        if loss_diverged(numbers.get("train_loss", math.nan), first_loss):
-            return
-        self.state.epoch = epoch + 1
-        self.state.updates = int(numbers["updates"])
-        self.state.examples_seen = int(numbers["examples_seen"])
-        self.state.rows = [*self.state.rows, {"epoch": epoch + 1, **numbers}]
-        checkpoint.save(self.checkpoint_dir, self.run_id, self.model, self.state)

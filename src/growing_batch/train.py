@@ -254,6 +254,47 @@ def train(config: Config, run_id: str | None = None, given: dict | None = None, 
         return 0
 
 
+class Interruption:
+    """Turns SIGINT and SIGTERM into a request to stop that :func:`fit` honours between batches.
+
+    Use as a context manager around training; ``requested`` is the signal's name once one arrived.
+    A second SIGINT while the first is being honoured raises KeyboardInterrupt at once.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, number, frame):
+        import signal
+
+        name = signal.Signals(number).name
+        if self.requested and name == "SIGINT":
+            raise KeyboardInterrupt
+        self.requested = name
+        print(f"\n{name} received: stopping after this batch (press Ctrl-C again to quit at once)", flush=True)
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        import signal
+
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+        return False
+
+
 @dataclasses.dataclass
 class Setup:
     """What a run trains with: the config, its data, schedule and devices, and the model, training
@@ -318,7 +359,7 @@ def _train_as_worker(config: Config, strategy, splits, schedule, run_id: str | N
     state = checkpoint.State(config=config.to_dict())
     if run_id and checkpoint.exists(config.checkpoint_dir, run_id):
         state = checkpoint.restore(config.checkpoint_dir, run_id, model)
-    with loop.Interruption() as interruption:
+    with Interruption() as interruption:
         try:
             trainer = loop.Trainer(model, batches, schedule, max_device_batch_size=config.max_device_batch_size,
                                    strategy=strategy, measure_noise_scale=config.measure_noise_scale)
@@ -358,13 +399,13 @@ def _train_in_run(setup: Setup, run_id: str, resume_state: checkpoint.State | No
               f"{checkpoint.path(config.checkpoint_dir, run_id)}"
               + (f"; logged {filled} metric points the store had lost" if filled else ""), flush=True)
     tracker = tracking.TrackingCallback(run_id, title, rows=state.rows, logged=logged)
-    saver = loop.CheckpointCallback(config.checkpoint_dir, run_id, state)
+    saver = checkpoint.CheckpointCallback(config.checkpoint_dir, run_id, state)
     trainer = loop.Trainer(model, setup.batches, setup.schedule, evaluation=setup.evaluation,
                            max_device_batch_size=config.max_device_batch_size, jit_compile=config.jit_compile,
                            strategy=strategy, measure_noise_scale=config.measure_noise_scale)
     try:
         try:
-            with loop.Interruption() as interruption:
+            with Interruption() as interruption:
                 history = trainer.fit(state, config.epochs, callbacks=[*extra_callbacks, tracker, saver],
                                       verbose=verbose, interruption=interruption)
         except loop.TrainingInterrupted:
