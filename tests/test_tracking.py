@@ -41,3 +41,27 @@ def test_callback_logs_every_number_at_step_epoch_and_the_history_files(tracking
     assert "note" not in client.get_run(run.info.run_id).data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"history.csv", "schedule.png", "training_curves.png"} <= artifacts
+
+
+def test_the_logged_model_has_an_example_documented_logits_and_can_be_registered(tracking_uri):
+    import keras
+    import mlflow
+    import numpy as np
+
+    from growing_batch import models, tracking
+
+    keras.utils.set_random_seed(0)
+    model = models.compile_for_training(models.build("small-cnn", (28, 28, 1), 10), models.build_optimizer("sgd", 0.1))
+    images = np.random.default_rng(0).random((4, 28, 28, 1)).astype(np.float32)
+    with mlflow.start_run() as run:
+        mlflow.log_metric("test_accuracy", 0.5, step=3)
+        model_id = tracking.log_model(model, images, epoch=3, registered_model_name="tiny-cnn")
+    info = mlflow.models.get_model_info(f"models:/{model_id}")
+    assert info.saved_input_example_info is not None and info.run_id == run.info.run_id
+    assert info.metadata == {"input": tracking.MODEL_INPUT, "output": tracking.MODEL_OUTPUT}
+    assert [(metric.key, metric.value, metric.step) for metric in mlflow.get_logged_model(model_id).metrics] == [
+        ("test_accuracy", 0.5, 3)]
+    (version,) = MlflowClient(tracking_uri).search_model_versions("name='tiny-cnn'")
+    assert int(version.version) == 1
+    loaded = mlflow.pyfunc.load_model(f"models:/{model_id}")
+    np.testing.assert_allclose(loaded.predict(images), model(images).numpy(), rtol=1e-5, atol=1e-6)  # logits

@@ -308,7 +308,9 @@ def quick_comparison(settings: dict) -> dict:
 
 
 def run(quick: bool) -> dict:
-    import tensorflow as tf
+    from growing_batch import distribute
+
+    tf = distribute.import_tensorflow()
 
     settings = QUICK if quick else FULL
     results: dict = {"quick": quick, "settings": settings, "tensorflow": tf.__version__,

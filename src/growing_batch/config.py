@@ -161,6 +161,13 @@ class Config:
         "checkpoints", "folder of the per-run checkpoints (<checkpoint_dir>/<run id>/), saved every epoch for resuming",
         Rule(lambda value: value != "" and not os.path.isfile(value), "a folder path (created if missing), not a file")
     )
+    verbose: str = _field(
+        "auto", "progress output, as in Keras: auto (a progress bar on a terminal, else one line per epoch), "
+        "0 (none), 1 (progress bar), 2 (one line per epoch)", one_of(("auto", "0", "1", "2"))
+    )
+    register_model: str = _field(
+        "", "register the trained model in MLflow's model registry under this name; empty: do not register"
+    )
 
     def to_params(self) -> dict[str, str]:
         """The config as MLflow params: the same text a user would pass on the command line."""

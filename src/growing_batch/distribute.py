@@ -62,9 +62,33 @@ def parse_devices(text: str) -> int | None:
     return None if text == "auto" else int(text)
 
 
+def import_tensorflow():
+    """TensorFlow, imported with its own start-up logging silenced unless the user set
+    ``TF_CPP_MIN_LOG_LEVEL`` (then as they set it): the native library writes its banner (twice) to
+    the standard error before its log level applies, so that is muted for the import, and the level
+    becomes 3, which also hides the ``cuInit`` error of a machine without a GPU."""
+    import sys
+
+    if "tensorflow" in sys.modules or "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        import tensorflow
+
+        return tensorflow
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    sys.stderr.flush()
+    saved, muted = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(muted, 2)
+        import tensorflow
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(muted)
+    return tensorflow
+
+
 def make_strategy(devices: str):
     """The ``tf.distribute`` strategy for ``devices`` (see the module); the default one for one device."""
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     requested = parse_devices(devices)
     if cluster() is not None:

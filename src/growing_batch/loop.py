@@ -99,6 +99,20 @@ class EpochProgbarLogger(keras.callbacks.ProgbarLogger):
         super().on_epoch_begin(epoch, logs)
 
 
+class EpochLineLogger(keras.callbacks.Callback):
+    """One line per epoch (``verbose=2``), no per-batch hook: for logs, pipes and sweep children."""
+
+    SHOWN = ("batch_size", "learning_rate", "train_loss", "train_accuracy", "val_accuracy", "test_accuracy", "updates")
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        parts = [f"{name} {logs[name]:.4g}" if isinstance(logs[name], float) else f"{name} {logs[name]}"
+                 for name in self.SHOWN if name in logs]
+        seconds = logs.get("epoch_seconds")
+        timing = f" ({seconds:.1f} s)" if isinstance(seconds, (int, float)) else ""
+        print(f"epoch {epoch + 1}/{self.params.get('epochs', '?')}{timing}: " + ", ".join(parts), flush=True)
+
+
 # With XLA, each batch shape is compiled anew; batches are padded up to the next of these sizes:
 # 8 · 2^(k/4) rounded up to a multiple of 8 — four sizes per doubling, powers of two among them, at
 # most 19 % padding plus the rounding.
@@ -380,8 +394,8 @@ class Trainer:
         state = state if state is not None else checkpoint.State(config={})
         model, batches, step = self.model, self.batches, self.step
         # The progress bar only when asked for: a callback with a per-batch hook makes Keras convert each
-        # batch's logs on the training thread (a device sync per step); without one it does so off-thread.
-        progress = [EpochProgbarLogger()] if verbose else []
+        # batch's logs on the training thread (a device sync per step); one line per epoch needs none.
+        progress = {0: [], 1: [EpochProgbarLogger()], 2: [EpochLineLogger()]}[int(verbose)]
         callback_list = keras.callbacks.CallbackList(
             [self.schedule_callback, *callbacks, *progress], add_history=True, model=model, verbose=verbose,
             epochs=epochs, steps=None,

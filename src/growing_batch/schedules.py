@@ -353,3 +353,32 @@ def table(schedule: Schedule, epochs: int, train_size: int) -> list[dict]:
             }
         )
     return rows
+
+
+def _number(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:g}"
+
+
+def describe(config, train_size: int) -> str:
+    """The schedule a config names, in words: e.g. "ε = 0.1 constant; B × 1/0.9 per epoch from 128 to
+    5,500, then ε × 0.9 per epoch" (for the run's description in the MLflow UI)."""
+    rate, batch = _number(config.learning_rate), _number(config.batch_size)
+    cap = _number(resolve_max_batch_size(config.max_batch_size, train_size))
+    milestones = ", ".join(str(milestone) for milestone in config.milestones)
+    factor = _number(config.step_factor)
+    words = {
+        "constant": f"ε = {rate} and B = {batch}, constant",
+        "lr-decay": f"B = {batch} constant; ε = {rate} × {_number(config.lr_decay)} per epoch",
+        "batch-growth": f"ε = {rate} constant; B = {batch} × {_number(config.batch_growth)} per epoch, capped at {cap}",
+        "noise-matched": (f"ε = {rate} constant; B × 1/{_number(config.lr_decay)} per epoch from {batch} to {cap}, "
+                          f"then ε × {_number(config.lr_decay)} per epoch"),
+        "step-lr": f"B = {batch} constant; ε = {rate} ÷ {factor} after epochs {milestones}",
+        "step-batch": (f"ε = {rate} constant; B = {batch} × {factor} after epochs {milestones}, up to {cap} "
+                       f"(past it ε takes the rest of the factor)"),
+        "step-hybrid": (f"B = {batch} × {factor} after epoch {config.milestones[0] if config.milestones else '-'}, "
+                        f"then ε = {rate} ÷ {factor} after each later milestone ({milestones}); B at most {cap}"),
+        "adaptive": (f"B follows the measured gradient noise scale from {batch} (× or ÷ at most "
+                     f"{_number(config.max_batch_growth)} per epoch, at least {_number(config.min_batch_size or config.batch_size)}), "
+                     f"up to {cap}; past it ε = {rate} × cap / B_wanted"),
+    }
+    return words[config.schedule]

@@ -104,7 +104,7 @@ def plan(experiment: str, seeds: int, overrides: dict[str, str]) -> list[Child]:
     children = []
     for seed in range(seeds):  # seed by seed: a sweep stopped early has every member at its first seeds
         for member in EXPERIMENTS[experiment]:
-            values = {**member.values, **given, "seed": str(seed)}
+            values = {**member.values, **given, "seed": str(seed), "verbose": "2"}  # one line per epoch in its log
             config_module.from_strings(values)  # validates, raising ConfigError
             children.append(Child(member.name, seed, values))
     return children

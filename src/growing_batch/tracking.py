@@ -9,7 +9,7 @@ What a run holds:
 * params — every config field twice: ``<field>`` as given on the command line (empty where not
   given; ``mlflow run`` logs these itself) and ``resolved.<field>`` as used, after the preset and the
   defaults; and what the data fixed: ``train_examples`` (N), ``validation_examples``,
-  ``test_examples``, ``resolved_max_batch_size``;
+  ``test_examples`` (the resolved batch cap is in ``config.json`` and the description);
 * tags — ``schedule``, ``dataset``, ``model``, ``git_commit`` and a readable run name;
 * metrics at ``step = epoch`` (counted from 1) — see :data:`growing_batch.metrics.EPOCH_METRICS`; plus MLflow's system
   metrics (CPU, memory; GPU where one is present and ``nvidia-ml-py`` is installed);
@@ -55,6 +55,9 @@ PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__
 # Seconds the detached process waits for `mlflow run` to exit before it writes the status back anyway.
 MLFLOW_RUN_WAIT_SECONDS = 300
 INTERRUPTED_TAG = "interrupted"
+# MLflow 3's experiment kind: "custom_model_development" opens the experiment on its training runs in the
+# UI instead of the GenAI overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 
 def _is_mlflow_run(command_line: list[str]) -> bool:
@@ -308,7 +311,35 @@ def log_new_run(config: Config, splits, resolved_max_batch_size: int, details: d
         **details,
     })
     mlflow.log_param("replicas", details["replicas"])
-    mlflow.set_tag("distribution", details["distribution"])
+    mlflow.set_tags({"distribution": details["distribution"],
+                     "mlflow.note.content": description(config, len(splits.train), resolved_max_batch_size)})
+
+
+# The resolved fields the description's table shows first (then the schedule's own).
+DESCRIBED_FIELDS = ("preset", "schedule", "dataset", "model", "learning_rate", "batch_size", "optimizer", "momentum",
+                    "weight_decay", "epochs", "seed")
+
+
+def description(config: Config, train_size: int, resolved_max_batch_size: int) -> str:
+    """The run's description in the MLflow UI (``mlflow.note.content``, Markdown): the schedule in words
+    and a short table of the values it trained with."""
+    from growing_batch import schedules
+
+    names = [name for name in DESCRIBED_FIELDS if name != "preset" or config.preset]
+    names += [name for name in schedules.SCHEDULE_FIELDS[config.schedule] if name not in names]
+    params = config.to_params()
+    rows = [f"| `{name}` | {resolved_max_batch_size if name == 'max_batch_size' else params[name]} |" for name in names]
+    title = f"{config.preset}: " if config.preset else ""
+    return "\n".join([
+        f"**{title}{config.schedule}** — {schedules.describe(config, train_size)} "
+        f"({config.model} on {config.dataset}, N = {train_size:,}, {config.epochs} epochs counted from 1).",
+        "",
+        "| parameter | value |",
+        "|---|---|",
+        *rows,
+        "",
+        "Every parameter as given and as used: the params `<name>` and `resolved.<name>`; `config.json`.",
+    ])
 
 
 def mark_resumed(run_id: str, state, checkpoint_dir: str) -> tuple[dict[str, set[int]], int]:
@@ -443,9 +474,11 @@ def start_run(config: Config, given: dict[str, str] | None = None, run_id: str |
     if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_SECONDS)
     active = mlflow.start_run(run_id=run_id, run_name=run_name(config), log_system_metrics=True)
-    tags = {"schedule": config.schedule, "dataset": config.dataset, "model": config.model}
-    if config.preset:
-        tags["preset"] = config.preset
+    experiment = MlflowClient().get_experiment(active.info.experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # the UI then opens the experiment on its training runs
+        MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+    tags = {"schedule": config.schedule, "dataset": config.dataset, "model": config.model,
+            "preset": config.preset or "none"}
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
@@ -479,7 +512,6 @@ def log_data(splits, resolved_max_batch_size: int) -> None:
             "train_examples": len(splits.train),
             "validation_examples": len(splits.validation),
             "test_examples": len(splits.test),
-            "resolved_max_batch_size": resolved_max_batch_size,
         }
     )
     for context, part in (("train", splits.train), ("validation", splits.validation), ("test", splits.test)):
@@ -603,24 +635,59 @@ def log_history(run_id: str, rows: list[dict], title: str = "") -> None:
         client.log_figure(run_id, figure, name)
 
 
-def log_model(model, sample_images: np.ndarray) -> None:
-    """The trained model in MLflow's Keras flavour, with a signature inferred from a sample."""
+# What the logged model takes and gives, in its metadata (shown on its page in the MLflow UI).
+MODEL_INPUT = "float32 images in [0, 1], shape (n, height, width, channels): uint8 pixels / 255"
+MODEL_OUTPUT = ("logits, shape (n, classes): one unnormalised score per class (argmax = the predicted class; "
+                "softmax = the probabilities); the pyfunc flavour returns these logits too")
+
+
+def log_model(model, sample_images: np.ndarray, epoch: int, registered_model_name: str = "") -> str:
+    """The trained model in MLflow's Keras flavour, with a signature and an input example (two images
+    of the training set), its input and output described in its metadata, the run's metrics of its
+    last ``epoch`` linked to it (so the Models view can rank models by test accuracy), and registered
+    under ``registered_model_name`` when given. Returns the logged model's id."""
     import keras
     import tensorflow as tf
     from mlflow.models import infer_signature
 
-    sample = np.asarray(sample_images[:8], dtype=np.float32)
+    from mlflow.models import Model
+
+    sample = np.asarray(sample_images[:2], dtype=np.float32)
     signature = infer_signature(sample, np.asarray(model(sample, training=False)))
-    mlflow.keras.log_model(
-        model,
+    info = Model.log(  # what mlflow.keras.log_model does, with the flavour below
+        artifact_path=None,
         name="model",
+        flavor=_keras_flavour(),
+        model=model,
+        step=int(epoch),  # links the run's metrics at that step (epoch) to the model
         signature=signature,
+        input_example=sample,
+        metadata={"input": MODEL_INPUT, "output": MODEL_OUTPUT},
+        registered_model_name=registered_model_name or None,
         pip_requirements=[
             f"keras=={keras.__version__}",
             f"tensorflow=={tf.__version__}",
             f"mlflow=={mlflow.__version__}",
         ],
     )
+    return info.model_id
+
+
+def _keras_flavour():
+    """MLflow's Keras flavour, whose ``save_model`` first creates the model's folder: MLflow 3.17.2's
+    writes the input example before it creates the folder, so ``mlflow.keras.log_model(...,
+    input_example=...)`` fails with FileNotFoundError (README, Known issues)."""
+    import types
+
+    import mlflow.keras
+
+    def save_model(path, **options):
+        os.makedirs(path, exist_ok=True)
+        return mlflow.keras.save_model(path=path, **options)
+
+    flavour = types.ModuleType("mlflow.keras")
+    flavour.save_model = save_model
+    return flavour
 
 
 def log_resolved_config(config: Config, extra: dict) -> None:

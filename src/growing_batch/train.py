@@ -151,7 +151,7 @@ def _resolved_params(run_id: str, required: bool) -> dict[str, str]:
 
 
 # Fields a resume may change: the user may move a run's checkpoint folder (its params keep the first).
-MOVABLE = ("checkpoint_dir",)
+MOVABLE = ("checkpoint_dir", "verbose", "register_model")
 
 
 def _without_movable(values: dict) -> dict:
@@ -199,16 +199,20 @@ def plan_resume(config: Config, run_id: str | None) -> checkpoint.State | None:
 
 
 def train(config: Config, run_id: str | None = None, given: dict | None = None, extra_callbacks: Sequence = (),
-          verbose: int = 1) -> int:
+          verbose: int | None = None) -> int:
     """Run one configuration end to end, or continue the run ``run_id``; returns the exit status (see
     the module): 0 finished, 3 diverged, 128 + signal interrupted.
 
     Raises ConfigError/DataError/CheckpointError on bad input (Refused when ``run_id`` cannot be
     continued), before any training; StoreLost when the tracking store stops answering.
     ``given``: the command line's text per field, logged as the plain-name params (default: none).
+    ``verbose``: Keras' 0, 1 or 2 (default: the config's, where ``auto`` is a progress bar on a terminal
+    and one line per epoch otherwise).
     """
     from growing_batch import data, schedules
 
+    if verbose is None:
+        verbose = int(config.verbose) if config.verbose != "auto" else (1 if sys.stdout.isatty() else 2)
     chief = distribute.is_chief()
     with contextlib.ExitStack() as stack:
         resume_state = None
@@ -419,7 +423,8 @@ def _train_in_run(setup: Setup, run_id: str, resume_state: checkpoint.State | No
                 f"run {run_id} diverged: train_loss is {row['train_loss']} at epoch {epoch} (learning_rate "
                 f"{row['learning_rate']:g}, batch_size {int(row['batch_size'])}); training stopped there, every "
                 f"metric logged up to epoch {epoch} is kept and the run is FAILED"))
-        tracking.log_model(model, data.scale(splits.train.images[:8]))
+        tracking.log_model(model, data.scale(splits.train.images[:2]), int(tracker.rows[-1]["epoch"]),
+                           config.register_model)
     except tracking.store_errors() as error:
         if tracking.store_problem(SERVER_CHECK_TIMEOUT_SECONDS) is None:
             raise
