@@ -5,19 +5,20 @@ A tracked, schedule-driven Keras training project reproducing Smith, Kindermans,
 
 Modules, in the order data flows through them:
     presets    the paper's and the reproduction's experiments by name (no TensorFlow)
-    config     the Config dataclass, its validation and command line (no TensorFlow)
-    schedules  every schedule as a pure function of the epoch, and the noise scale (no TensorFlow)
-    data       loading, validation split, augmentation and the per-epoch batches
+    config     the Config dataclass, each field's check, the cross-field rules, the command line (no TensorFlow)
+    schedules  every schedule as a pure function of the epoch, update counts, the noise scale (no TensorFlow)
+    data       loading (restricted unpickling), validation split, augmentation and the per-epoch batches
     models     the reproduction's small CNN, the 16-4 wide ResNet, ghost batch norm, optimizers
-    loop       the callback-driven training loop, the schedule and checkpoint callbacks, the compiled
-               train step, divergence and signal handling
-    checkpoint the per-epoch checkpoint of a run and its lock (no TensorFlow)
+    loop       the Trainer: the callback-driven loop, its one train step, evaluation, the schedule callback
+    noise      the gradient noise scale: the estimator (no TensorFlow), its probe and meter
+    checkpoint Keras-native per-epoch checkpoints, their callback, and the run's lock
     metrics    the names of the per-epoch metrics (no TensorFlow)
-    tracking   everything that talks to MLflow during a run
-    errors     one-line errors and FAILED runs (no TensorFlow)
+    tracking   the run's lifecycle and status, and everything else that talks to MLflow during a run
+    errors     one-line errors (no TensorFlow)
+    distribute devices and tf.distribute strategies
     plots      matplotlib figures (no TensorFlow)
     analysis   reading runs back from a tracking store: tidy tables, summaries (no TensorFlow)
-    train      the `main` entry point: one run, or the resumption of a stopped one
+    train      the `main` entry point: one run, or the resumption of a stopped one; signals
     sweep      the `sweep` entry point: experiments x seeds as child runs, resumable
     report     the `report` entry point: the analysis notebook, executed headless
     bench      the `bench` entry point: the loop against Keras fit
