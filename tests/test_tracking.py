@@ -65,3 +65,18 @@ def test_the_logged_model_has_an_example_documented_logits_and_can_be_registered
     assert int(version.version) == 1
     loaded = mlflow.pyfunc.load_model(f"models:/{model_id}")
     np.testing.assert_allclose(loaded.predict(images), model(images).numpy(), rtol=1e-5, atol=1e-6)  # logits
+
+
+def test_new_experiments_keep_their_artifacts_beside_their_sqlite_store(tmp_path, monkeypatch):
+    import mlflow
+
+    for database in ("first.db", "second.db"):
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/stores/{database}")
+        try:
+            experiment_id = tracking.experiment_id_for("my sweep")
+            assert tracking.experiment_id_for("my sweep") == experiment_id  # created once
+            location = MlflowClient().get_experiment(experiment_id).artifact_location
+        finally:
+            mlflow.set_tracking_uri(None)
+        stem = database[:-3]
+        assert location.endswith(f"stores/mlartifacts/{stem}/my_sweep")  # two stores in a folder do not mix

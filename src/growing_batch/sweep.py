@@ -213,8 +213,7 @@ def _experiment_id(client: MlflowClient) -> str:
         return os.environ["MLFLOW_EXPERIMENT_ID"]
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
     if name:
-        experiment = client.get_experiment_by_name(name)
-        return experiment.experiment_id if experiment else client.create_experiment(name)
+        return tracking.experiment_id_for(name)
     return "0"
 
 

@@ -464,6 +464,33 @@ def prepare_store() -> None:
         MlflowClient().search_experiments(max_results=1)
 
 
+def artifact_location(experiment_name: str) -> str | None:
+    """Where a new experiment of a sqlite store keeps its artifacts: beside the database, in
+    ``mlartifacts/<database name>/<experiment name>`` (MLflow's default, ``./mlruns`` of the working
+    directory, would mix the artifacts of every store used from there); None for other stores."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine.url import make_url
+
+    database = make_url(uri).database
+    if not database or database == ":memory:":
+        return None
+    folder = os.path.dirname(os.path.abspath(database))
+    stem = os.path.splitext(os.path.basename(database))[0]
+    safe = "".join(character if character.isalnum() or character in "-_." else "_" for character in experiment_name)
+    return os.path.join(folder, "mlartifacts", stem, safe)
+
+
+def experiment_id_for(name: str) -> str:
+    """The id of the experiment ``name``, created (artifacts beside a sqlite store) if new."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location(name))
+
+
 def start_run(config: Config, given: dict[str, str] | None = None, run_id: str | None = None) -> mlflow.ActiveRun:
     """Continue the run ``run_id`` (the one ``mlflow run`` created, or one to resume), or start a new
     one; name, tag and log params.
@@ -473,7 +500,11 @@ def start_run(config: Config, given: dict[str, str] | None = None, run_id: str |
     prepare_store()
     if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_SECONDS)
-    active = mlflow.start_run(run_id=run_id, run_name=run_name(config), log_system_metrics=True)
+    experiment_id = None
+    if not run_id and not os.environ.get("MLFLOW_EXPERIMENT_ID") and os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        experiment_id = experiment_id_for(os.environ["MLFLOW_EXPERIMENT_NAME"])  # its artifacts beside the store
+    active = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=run_name(config),
+                              log_system_metrics=True)
     experiment = MlflowClient().get_experiment(active.info.experiment_id)
     if EXPERIMENT_KIND_TAG not in experiment.tags:  # the UI then opens the experiment on its training runs
         MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
