@@ -85,12 +85,12 @@ def mlflow_run_process(run_id: str):
     return None
 
 
-# The detached process: wait for `mlflow run` (pid, start time) to exit, then write the status back if
-# `mlflow run` replaced it by FAILED (what it writes after a non-zero exit). Only MLflow and psutil: it starts in a second or so.
-_WRITE_BACK = """
+# The detached process: wait for `mlflow run` (pid, start time) to exit, then act on the run. Only MLflow
+# and psutil: it starts in a second or so.
+_WAIT_FOR_MLFLOW_RUN = """
 import sys, psutil
 from mlflow.tracking import MlflowClient
-run_id, status, end_time, pid, started, wait = sys.argv[1:7]
+pid, started, wait, run_id = sys.argv[1:5]
 try:
     process = psutil.Process(int(pid))
     if abs(process.create_time() - float(started)) < 1e-3:
@@ -98,6 +98,10 @@ try:
 except (psutil.Error, psutil.TimeoutExpired):
     pass
 client = MlflowClient()
+"""
+# ... write the status back if `mlflow run` replaced it by FAILED (what it writes after a non-zero exit),
+_WRITE_BACK = _WAIT_FOR_MLFLOW_RUN + """
+status, end_time = sys.argv[5:7]
 info = client.get_run(run_id).info
 if info.status == "FAILED" and (info.status, str(info.end_time)) != (status, end_time):
     if status == "RUNNING":
@@ -105,27 +109,17 @@ if info.status == "FAILED" and (info.status, str(info.end_time)) != (status, end
     else:
         client.set_terminated(run_id, status, end_time=int(end_time))
 """
-
-
-# The same wait, then delete the run (the report entry point's own run, once its report is logged).
-_DELETE = """
-import sys, psutil
-from mlflow.tracking import MlflowClient
-run_id, pid, started, wait = sys.argv[1:5]
-try:
-    process = psutil.Process(int(pid))
-    if abs(process.create_time() - float(started)) < 1e-3:
-        process.wait(timeout=float(wait))
-except (psutil.Error, psutil.TimeoutExpired):
-    pass
-MlflowClient().delete_run(run_id)
+# ... or delete the run (the report entry point's own run, once its report is logged).
+_DELETE = _WAIT_FOR_MLFLOW_RUN + """
+client.delete_run(run_id)
 """
 
 
-def _after_mlflow_run(process, script: str, *arguments: str) -> None:
-    """Run ``script`` in a detached process that outlives this one (and ``mlflow run``)."""
+def _after_mlflow_run(process, script: str, run_id: str, *arguments: str) -> None:
+    """Run ``script`` in a detached process that outlives this one, once ``mlflow run`` (``process``) exited."""
     subprocess.Popen(
-        [sys.executable, "-c", script, *arguments],
+        [sys.executable, "-c", script, str(process.pid), repr(process.create_time()), str(MLFLOW_RUN_WAIT_SECONDS),
+         run_id, *arguments],
         env=dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri()), start_new_session=True,
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
     )
@@ -139,8 +133,7 @@ def keep_status_after_mlflow_run(run_id: str | None) -> None:
         return
     try:
         info = MlflowClient().get_run(run_id).info
-        _after_mlflow_run(process, _WRITE_BACK, run_id, info.status, str(info.end_time), str(process.pid),
-                          repr(process.create_time()), str(MLFLOW_RUN_WAIT_SECONDS))
+        _after_mlflow_run(process, _WRITE_BACK, run_id, info.status, str(info.end_time))
     except Exception as error:  # the store may be what failed; the tag `interrupted` still tells
         print(f"warning: run {run_id} may show the status `mlflow run` sets, FAILED ({error})", file=sys.stderr)
 
@@ -151,8 +144,7 @@ def delete_after_mlflow_run(run_id: str) -> bool:
     process = mlflow_run_process(run_id)
     if process is None:
         return False
-    _after_mlflow_run(process, _DELETE, run_id, str(process.pid), repr(process.create_time()),
-                      str(MLFLOW_RUN_WAIT_SECONDS))
+    _after_mlflow_run(process, _DELETE, run_id)
     return True
 
 
