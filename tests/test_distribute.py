@@ -100,8 +100,9 @@ def free_ports(count):
 
 
 @pytest.mark.e2e
-def test_two_workers_on_loopback_train_one_run_logged_by_the_chief(tmp_path, fashion_dir):
+def test_two_workers_on_loopback_train_one_run_logged_by_the_chief(tmp_path, fashion_dir, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.chdir(tmp_path)  # the store made here puts its default artifact root (./mlruns) here
     MlflowClient(uri).search_experiments()  # the store exists before the workers start
     addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes = []
