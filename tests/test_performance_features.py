@@ -30,6 +30,20 @@ def one_step(images, labels, **options):
     return [w.numpy() for w in model.trainable_variables], {k: float(v) for k, v in logs.items()}, step
 
 
+def test_xla_pads_augmented_batches_of_any_size():
+    """The padded rows get augmentation draws too (a batch of 37 runs as 40), and training goes on."""
+    rng = np.random.default_rng(0)
+    split = data.Split(rng.integers(0, 256, (74, 28, 28, 1)).astype(np.uint8), rng.integers(0, 10, 74).astype(np.int32))
+    keras.utils.set_random_seed(0)
+    model = models.compile_for_training(models.build("small-cnn", (28, 28, 1), 10), models.build_optimizer("sgd", 0.05))
+    batches = data.EpochBatches(split, seed=0, augment=True)
+    schedule = functools.partial(schedules.constant, learning_rate=0.05, batch_size=37)
+    trainer = loop.Trainer(model, batches, schedule, jit_compile=True)
+    history = trainer.fit(epochs=2, verbose=0)
+    assert trainer.step.compiled_shapes == {40} and history.history["updates"] == [2, 4]
+    assert np.isfinite(history.history["train_loss"]).all()
+
+
 def test_padding_with_zero_weight_examples_leaves_the_update_exact():
     rng = np.random.default_rng(0)
     images = rng.random((37, 28, 28, 1)).astype(np.float32)
@@ -80,7 +94,9 @@ def test_mixed_bfloat16_trains_with_float32_logits_and_weights(fashion_dir):
     [
         (["--precision", "float16"], "precision='float16' is not allowed: expected one of float32, mixed_bfloat16"),
         (["--jit_compile", "true", "--model", "wrn-16-4", "--ghost_batch_size", "128"],
-         "jit_compile='true' is not allowed: expected false with ghost_batch_size or max_device_batch_size"),
+         "jit_compile='true' is not allowed: expected false with model wrn-16-4 or max_device_batch_size"),
+        (["--jit_compile", "true", "--model", "wrn-16-4"],  # plain batch norm would see the padding too
+         "jit_compile='true' is not allowed: expected false with model wrn-16-4 or max_device_batch_size"),
     ],
 )
 def test_performance_options_are_validated(argv, message):

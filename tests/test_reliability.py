@@ -157,8 +157,8 @@ def test_a_diverging_run_stops_at_that_epoch_and_keeps_what_it_logged(tracking_u
     assert [step for step, _ in history["test_accuracy"]] == [1, 2]  # the broken weights are not evaluated
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and f"run {run.info.run_id} diverged" in errors[0]
-    # the last good epoch's checkpoint is kept, but the run is not resumable: it would diverge again
-    assert checkpoint.load_state("checkpoints", run.info.run_id).epoch == 2
+    # the run is not resumable (it would diverge again), so its checkpoint is not kept
+    assert not checkpoint.exists("checkpoints", run.info.run_id)
     with pytest.raises(train.Refused, match="diverged at epoch 3"):
         train.plan_resume(config, run.info.run_id)
 

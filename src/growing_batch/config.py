@@ -302,10 +302,10 @@ def validate(config: Config) -> Config:
         f"a multiple of ghost_batch_size ({config.ghost_batch_size}), so that no ghost batch straddles two micro-batches",
     )
     _require(
-        not config.jit_compile or (config.ghost_batch_size == 0 and config.max_device_batch_size == 0),
+        not config.jit_compile or (config.model not in BATCH_NORM_MODELS and config.max_device_batch_size == 0),
         "jit_compile", config.jit_compile,
-        "false with ghost_batch_size or max_device_batch_size (padding examples would enter the "
-        "batch statistics; micro-batches are not padded)",
+        f"false with model {config.model} or max_device_batch_size (batch norm: padding examples would enter "
+        "the batch statistics; micro-batches are not padded)",
     )
     return config
 

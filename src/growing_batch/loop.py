@@ -7,8 +7,8 @@ same order (``on_train_begin``, ``on_epoch_begin``, ``on_train_batch_begin/end``
 ends training, and a ``History`` is returned.
 
 Policy lives in the schedule (a pure function of the epoch); the :class:`ScheduleCallback` only
-applies what it prescribes — learning rate and momentum to the optimizer, batch size to the
-batches — and writes it into the epoch's logs. The :class:`TrainStep` is one ``tf.function`` whose
+applies what it prescribes — the learning rate to the optimizer, the batch size to the batches; the
+momentum, fixed when the step is compiled, it checks — and writes it into the epoch's logs. The :class:`TrainStep` is one ``tf.function`` whose
 batch dimension is unknown (``None``), so a new batch size never retraces it.
 
 The loop knows nothing of MLflow; tracking is a callback (``growing_batch.tracking``).
@@ -37,7 +37,8 @@ def _optimizer_momentum(optimizer) -> float:
 
 
 class ScheduleCallback(keras.callbacks.Callback):
-    """At the start of each epoch, applies the schedule's (ε, B, m); at its end writes them into the logs.
+    """At the start of each epoch, applies the schedule's ε and B (and checks its m); at its end writes
+    them into the logs.
 
     ``applied`` holds the values in force this epoch, with SGD's noise scale εN/(B(1 − m)) (Smith et
     al.'s formula is SGD's: for Adam, whose ``momentum`` is β1 and whose step is normalised, it has
@@ -205,8 +206,10 @@ class TrainStep:
 
     def _step(self, images, labels, indices, weights, seed, offset, total, apply_update: bool):
         self.traces += 1  # Python side effect: runs once per trace, not per call
-        batch_images, batch_labels = data.gather_batch(images, labels, indices, seed, self.augment,
-                                                       offset=offset, total=total)
+        # The augmentation draws for this call's examples: a micro-batch's slice of its whole batch's
+        # draws (offset, total); a padded batch draws for all its rows (padding included).
+        batch_images, batch_labels = data.gather_batch(images, labels, indices, seed, self.augment, offset=offset,
+                                                       total=None if self.pad_to_buckets else total)
         share = tf.reduce_sum(weights) / tf.cast(total, tf.float32)  # this call's part of the batch
 
         def replica_step(batch_images, batch_labels, weights):

@@ -182,7 +182,7 @@ for _schedule_name, (_schedule_fields, _schedule_text) in _SCHEDULES.items():
 
 @preset("paper-increase-5120")
 def paper_increase_5120():
-    """The paper's table's increasing batch size: B × 5 per milestone up to B_max = 5,120 (= N/10), then ε decays.
+    """The paper's table's increasing batch size: B × 5 per milestone up to its B_max = 5,120 (≈ N/10), then ε decays.
 
     128 -> 640 -> 3,200 -> 5,120 (the last factor 5 is split: B × 1.6, ε ÷ 3.125), momentum 0.9;
     starting noise scale ≈ 390.6. Paper: 94.4 % test accuracy in ≈29,000 updates (here 29,142).
@@ -195,7 +195,7 @@ def paper_increase_5120():
 def paper_lr05():
     """The paper's higher initial learning rate: ε = 0.5, B0 = 640, B × 5 per milestone up to 5,120.
 
-    Momentum 0.9; past B_max = 5,120 = N/10 ε decays. Same starting noise scale ≈ 390.6 as paper-decay.
+    Momentum 0.9; past the paper's B_max = 5,120 (≈ N/10) ε decays. Same starting noise scale ≈ 390.6 as paper-decay.
     Paper: 94.5 % test accuracy in under 6,500 updates (here 6,407: every batch full).
     Command: mlflow run . --env-manager local -P preset=paper-lr0.5 (a GPU; about 29 h on a 2-core CPU).
     """

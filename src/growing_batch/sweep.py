@@ -67,7 +67,7 @@ EXPERIMENTS: dict[str, list[Member]] = {
     "paper-nesterov": _presets(["paper-decay-nesterov", "paper-hybrid-nesterov", "paper-increase-nesterov"]),
     "paper-sgd": _presets(["paper-decay-sgd", "paper-hybrid-sgd", "paper-increase-sgd"]),
     "paper-adam": _presets(["paper-decay-adam", "paper-hybrid-adam", "paper-increase-adam"]),
-    # The paper's table (B_max = 5,120 = N/10, then ε decays), as the paper states it.
+    # The paper's table (B_max = 5,120 ≈ N/10, then ε decays), as the paper states it.
     "paper-table": _presets(["paper-decay", "paper-increase-5120", "paper-lr0.5", "paper-momentum0.98"]),
 }
 assert all(m.values.get("preset", "") in ("", *PRESETS) for members in EXPERIMENTS.values() for m in members)

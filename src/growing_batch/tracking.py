@@ -9,13 +9,17 @@ What a run holds:
 * params — every config field twice: ``<field>`` as given on the command line (empty where not
   given; ``mlflow run`` logs these itself) and ``resolved.<field>`` as used, after the preset and the
   defaults; and what the data fixed: ``train_examples`` (N), ``validation_examples``,
-  ``test_examples`` (the resolved batch cap is in ``config.json`` and the description);
-* tags — ``schedule``, ``dataset``, ``model``, ``git_commit`` and a readable run name;
-* metrics at ``step = epoch`` (counted from 1) — see :data:`growing_batch.metrics.EPOCH_METRICS`; plus MLflow's system
+  ``test_examples``, ``replicas`` (the resolved batch cap is in ``config.json`` and the description);
+* description (``mlflow.note.content``) — the schedule in words and the values it trained with;
+* tags — ``preset``, ``schedule``, ``dataset``, ``model``, ``distribution``, ``git_commit`` and a
+  readable run name;
+* metrics at ``step = epoch`` (counted from 1) — see :data:`growing_batch.metrics.EPOCH_METRICS`; at the end
+  ``train_step_traces`` and ``xla_compilations``; plus MLflow's system
   metrics (CPU, memory; GPU where one is present and ``nvidia-ml-py`` is installed);
 * inputs — the train, validation and test splits as MLflow datasets;
 * artifacts — ``config.json``, ``history.csv``, ``schedule.png``, ``training_curves.png`` and the
-  trained model (``model``, MLflow's Keras flavour, with a signature).
+  trained model (``model``, MLflow's Keras flavour, with a signature, an input example and the last
+  epoch's metrics linked to it).
 
 Run statuses under ``mlflow run`` (:func:`keep_status_after_mlflow_run`): MLflow 3.17.2's ``mlflow
 run`` marks its run FAILED after any non-zero exit (FINISHED after exit 0) even when the script has
@@ -195,39 +199,51 @@ def run_lifecycle(config: Config, given: dict[str, str] | None = None, run_id: s
     * interrupted (``growing_batch.loop.TrainingInterrupted``: a signal, the unfinished epoch dropped;
       or ``KeyboardInterrupt``: a second Ctrl-C): KILLED, tag ``interrupted`` (the signal and the
       epoch), and that status kept once ``mlflow run`` has exited (:func:`keep_status_after_mlflow_run`);
-    * :class:`StoreLost`: the run is let go without waiting on the store (it stays RUNNING there, or
-      FAILED if the store is back), to be resumed from its checkpoint;
+    * :class:`StoreLost`: the run is ended FAILED if the store answers again within MLflow's retries,
+      else left RUNNING there; either way it can be resumed from its checkpoint;
     * bad input or any other exception: FAILED, with the error's one line as tag ``error``.
 
     The exception goes on to the caller, which turns it into the exit status.
     """
     from growing_batch.loop import TrainingInterrupted
 
-    active = start_run(config, given, run_id)
-    run_id = active.info.run_id
     try:
+        active = start_run(config, given, run_id)  # inside: a failure while tagging it ends it too
+        run_id = active.info.run_id
         yield active
     except Diverged as outcome:
-        mlflow.set_tags({"diverged": "true", "diverged_epoch": str(outcome.epoch), "error": outcome.message[:5000]})
-        mlflow.end_run("FAILED")
+        _end_active_run("FAILED", {"diverged": "true", "diverged_epoch": str(outcome.epoch),
+                                   "error": outcome.message[:5000]})
         raise
     except (TrainingInterrupted, KeyboardInterrupt) as stop:
         how = f"{stop.signal_name} during epoch {stop.epoch}" if isinstance(stop, TrainingInterrupted) else "SIGINT twice"
-        mlflow.set_tag(INTERRUPTED_TAG, how)
-        mlflow.end_run("KILLED")
+        _end_active_run("KILLED", {INTERRUPTED_TAG: how})
         keep_status_after_mlflow_run(run_id)
         raise
     except StoreLost:
-        try:
-            mlflow.end_run("FAILED")  # pops the run, then tries the store: a store back by now records FAILED
-        except store_errors():
-            pass  # it stays RUNNING there; the system-metrics thread is a daemon and ends with the process
+        _end_active_run("FAILED", {})  # the store answers again (after MLflow's retries): FAILED; else RUNNING
         raise
     except BaseException as error:
-        mlflow.set_tag("error", _one_line(error)[:5000])
-        mlflow.end_run("FAILED")
+        _end_active_run("FAILED", {"error": _one_line(error)[:5000]})
         raise
-    mlflow.end_run("FINISHED")
+    _end_active_run("FINISHED", {})
+
+
+def _end_active_run(status: str, tags: dict[str, str]) -> None:
+    """Tag and end this process's active run (if any) with ``status``; a store that does not answer
+    leaves it as it is there (the exception on its way out says why), but never active here."""
+    if mlflow.active_run() is None:
+        return
+    try:
+        if tags:
+            mlflow.set_tags(tags)
+    except store_errors():
+        pass
+    finally:
+        try:
+            mlflow.end_run(status)
+        except store_errors() as error:  # popped here; the store keeps what it had (RUNNING)
+            print(f"warning: could not mark the run {status}: {_one_line(error)[:300]}", file=sys.stderr)
 
 
 def store_uri() -> str:
@@ -293,7 +309,7 @@ def find_run(run_id: str):
 def log_new_run(config: Config, splits, resolved_max_batch_size: int, details: dict) -> None:
     """What a new run records before its first epoch: the split sizes and data inputs, ``config.json``
     (the resolved config with ``details``), and the param ``replicas`` and tag ``distribution``."""
-    log_data(splits, resolved_max_batch_size)
+    log_data(splits)
     log_resolved_config(config, {
         "train_examples": len(splits.train),
         "validation_examples": len(splits.validation),
@@ -528,7 +544,7 @@ def log_config_params(run_id: str, config: Config, given: dict[str, str]) -> Non
     mlflow.log_params(params)
 
 
-def log_data(splits, resolved_max_batch_size: int) -> None:
+def log_data(splits) -> None:
     """Record N and the other split sizes as params, and each split as an MLflow dataset input."""
     mlflow.log_params(
         {

@@ -17,7 +17,8 @@ How a run ends, and the exit status:
   expected ...``; a run that ``mlflow run`` created ends FAILED with that line as its ``error`` tag.
   A refused resume (no such run, other parameters, already finished, no checkpoint) leaves the run
   as it was.
-* 3 — diverged: the training loss became NaN or infinite; training stopped at that epoch, every
+* 3 — diverged: the training loss became NaN, infinite or exploded (over 100 × the first epoch's, see
+  ``loop.loss_diverged``); training stopped at that epoch, every
   metric logged until then is kept, and the run is FAILED with tags ``diverged=true`` and
   ``diverged_epoch``.
 * 128 + signal (130 for SIGINT, 143 for SIGTERM) — interrupted: the unfinished epoch is dropped,
@@ -245,6 +246,7 @@ def train(config: Config, run_id: str | None = None, given: dict | None = None, 
                 _train_in_run(setup, run_id, resume_state, extra_callbacks, verbose)
         except tracking.Diverged as outcome:
             print(f"error: {outcome.message}", file=sys.stderr, flush=True)
+            checkpoint.remove(config.checkpoint_dir, run_id)  # a diverged run is never resumed
             return EXIT_DIVERGED
         except loop.TrainingInterrupted as stop:
             done = f"epochs 1-{stop.epoch - 1} are logged and checkpointed" if stop.epoch > 1 else "no epoch was finished"
@@ -259,7 +261,7 @@ def train(config: Config, run_id: str | None = None, given: dict | None = None, 
 
 
 class Interruption:
-    """Turns SIGINT and SIGTERM into a request to stop that :func:`fit` honours between batches.
+    """Turns SIGINT and SIGTERM into a request to stop that ``loop.Trainer.fit`` honours between batches.
 
     Use as a context manager around training; ``requested`` is the signal's name once one arrived.
     A second SIGINT while the first is being honoured raises KeyboardInterrupt at once.
@@ -365,6 +367,7 @@ def _train_as_worker(config: Config, strategy, splits, schedule, run_id: str | N
         state = checkpoint.restore(config.checkpoint_dir, run_id, model)
     with Interruption() as interruption:
         try:
+            # no jit_compile: XLA is refused with several replicas (train), and a worker means several
             trainer = loop.Trainer(model, batches, schedule, max_device_batch_size=config.max_device_batch_size,
                                    strategy=strategy, measure_noise_scale=config.measure_noise_scale)
             trainer.fit(state, config.epochs, verbose=0, interruption=interruption)
@@ -384,30 +387,30 @@ def _train_in_run(setup: Setup, run_id: str, resume_state: checkpoint.State | No
 
     config, model, splits, strategy = setup.config, setup.model, setup.splits, setup.strategy
     title = tracking.run_name(config)
-    if resume_state is None:
-        state = checkpoint.State(config=config.to_dict())
-        tracking.log_new_run(config, splits, setup.max_batch_size, {
-            "parameters": model.count_params(),
-            "input_standardization": models.input_standardization(model),
-            "epochs_counted_from": 1,
-            "replicas": int(strategy.num_replicas_in_sync),
-            "distribution": distribute.describe(strategy),
-        })
-        logged = {}
-        print(f"run {run_id} ({title}): {config.dataset} N={len(splits.train)}, {model.count_params():,} parameters, "
-              f"data from {splits.source}", flush=True)
-    else:
-        state = checkpoint.restore(config.checkpoint_dir, run_id, model)
-        logged, filled = tracking.mark_resumed(run_id, state, config.checkpoint_dir)
-        print(f"run {run_id} ({title}): resuming after epoch {state.epoch} of {config.epochs} from "
-              f"{checkpoint.path(config.checkpoint_dir, run_id)}"
-              + (f"; logged {filled} metric points the store had lost" if filled else ""), flush=True)
-    tracker = tracking.TrackingCallback(run_id, title, rows=state.rows, logged=logged)
-    saver = checkpoint.CheckpointCallback(config.checkpoint_dir, run_id, state)
-    trainer = loop.Trainer(model, setup.batches, setup.schedule, evaluation=setup.evaluation,
-                           max_device_batch_size=config.max_device_batch_size, jit_compile=config.jit_compile,
-                           strategy=strategy, measure_noise_scale=config.measure_noise_scale)
     try:
+        if resume_state is None:
+            state = checkpoint.State(config=config.to_dict())
+            tracking.log_new_run(config, splits, setup.max_batch_size, {
+                "parameters": model.count_params(),
+                "input_standardization": models.input_standardization(model),
+                "epochs_counted_from": 1,
+                "replicas": int(strategy.num_replicas_in_sync),
+                "distribution": distribute.describe(strategy),
+            })
+            logged = {}
+            print(f"run {run_id} ({title}): {config.dataset} N={len(splits.train)}, {model.count_params():,} "
+                  f"parameters, data from {splits.source}", flush=True)
+        else:
+            state = checkpoint.restore(config.checkpoint_dir, run_id, model)
+            logged, filled = tracking.mark_resumed(run_id, state, config.checkpoint_dir)
+            print(f"run {run_id} ({title}): resuming after epoch {state.epoch} of {config.epochs} from "
+                  f"{checkpoint.path(config.checkpoint_dir, run_id)}"
+                  + (f"; logged {filled} metric points the store had lost" if filled else ""), flush=True)
+        tracker = tracking.TrackingCallback(run_id, title, rows=state.rows, logged=logged)
+        saver = checkpoint.CheckpointCallback(config.checkpoint_dir, run_id, state)
+        trainer = loop.Trainer(model, setup.batches, setup.schedule, evaluation=setup.evaluation,
+                               max_device_batch_size=config.max_device_batch_size, jit_compile=config.jit_compile,
+                               strategy=strategy, measure_noise_scale=config.measure_noise_scale)
         try:
             with Interruption() as interruption:
                 history = trainer.fit(state, config.epochs, callbacks=[*extra_callbacks, tracker, saver],
