@@ -10,7 +10,7 @@ What a run holds:
   given; ``mlflow run`` logs these itself) and ``resolved.<field>`` as used, after the preset and the
   defaults; and what the data fixed: ``train_examples`` (N), ``validation_examples``,
   ``test_examples``, ``resolved_max_batch_size``;
-* tags — ``schedule``, ``dataset``, ``model``, ``git_commit`` and a readable run name;
+* tags — ``schedule``, ``dataset``, ``model``, ``backend``, ``git_commit`` and a readable run name;
 * metrics at ``step = epoch`` (counted from 1) — see :data:`growing_batch.metrics.EPOCH_METRICS`; plus MLflow's system
   metrics (CPU, memory; GPU where one is present and ``nvidia-ml-py`` is installed);
 * inputs — the train, validation and test splits as MLflow datasets;
@@ -443,7 +443,7 @@ def start_run(config: Config, given: dict[str, str] | None = None, run_id: str |
     if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_SECONDS)
     active = mlflow.start_run(run_id=run_id, run_name=run_name(config), log_system_metrics=True)
-    tags = {"schedule": config.schedule, "dataset": config.dataset, "model": config.model}
+    tags = {"schedule": config.schedule, "dataset": config.dataset, "model": config.model, "backend": config.backend}
     if config.preset:
         tags["preset"] = config.preset
     commit = git_commit()

@@ -70,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             resuming = bool(resolved)
             values = {**resolved, **config_module.given_texts(given)}
         config = config_module.from_strings(values)
+        config_module.activate_backend(config)  # KERAS_BACKEND, before anything imports Keras
         if chief:
             check_checkpoint_dir(config.checkpoint_dir)
             for warning in config_module.warnings_for(config):
@@ -207,6 +208,7 @@ def train(config: Config, run_id: str | None = None, given: dict | None = None, 
     continued), before any training; StoreLost when the tracking store stops answering.
     ``given``: the command line's text per field, logged as the plain-name params (default: none).
     """
+    config_module.activate_backend(config)  # before Keras is imported; or Keras' backend must be this one
     from growing_batch import data, schedules
 
     chief = distribute.is_chief()
