@@ -217,7 +217,7 @@ def train(config: Config, run_id: str | None = None, given: dict | None = None, 
         if run_id and chief:  # an existing run: no other process may train it meanwhile; refused before any work
             stack.enter_context(_lock(config, run_id))
             resume_state = plan_resume(config, run_id)
-        strategy = distribute.make_strategy(config.devices)  # before TensorFlow's runtime starts
+        strategy = distribute.make_strategy(config.devices, config.backend)  # before TensorFlow's runtime starts
         replicas = distribute.replica_count(strategy)
         if config.jit_compile and replicas > 1:
             raise ConfigError(f"jit_compile='true' is not allowed: expected false with {replicas} replicas (devices).")
@@ -334,7 +334,7 @@ def _build(config: Config, strategy, splits):
 
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(config.precision)
-    with strategy.scope():
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
         model = models.build(
             config.model, splits.image_shape, splits.num_classes, config.seed, config.weight_decay,
             config.ghost_batch_size, standardization=models.standardization_for(config.model, splits.train.images),
@@ -388,7 +388,7 @@ def _train_in_run(setup: Setup, run_id: str, resume_state: checkpoint.State | No
             "parameters": model.count_params(),
             "input_standardization": models.input_standardization(model),
             "epochs_counted_from": 1,
-            "replicas": int(strategy.num_replicas_in_sync),
+            "replicas": distribute.replica_count(strategy),
             "distribution": distribute.describe(strategy),
         })
         logged = {}
