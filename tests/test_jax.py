@@ -3,6 +3,7 @@ XLA compilations and a like accuracy; it is reproducible; killed and resumed, it
 
 import os
 import subprocess
+import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -90,3 +91,91 @@ def test_a_killed_jax_run_resumed_matches_the_uninterrupted_one(store, fashion_d
     assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
     assert not os.path.exists(os.path.join(checkpoints, run_id, "state.json"))
     assert_same_run(uri, runs["jax"].info.run_id, run_id, EPOCHS)
+
+
+# --- the engine's parts, in a process whose Keras runs on JAX ---------------------------------------
+
+ENGINE_CHECKS = r"""
+import jax, jax.numpy as jnp, keras, numpy as np
+from growing_batch import data, jax_engine, models
+
+assert keras.backend.backend() == "jax"
+rng = np.random.default_rng(0)
+split = data.Split(rng.integers(0, 256, (40, 16, 16, 1)).astype(np.uint8), rng.integers(0, 4, 40).astype(np.int32))
+keras.utils.set_random_seed(0)
+model = models.compile_for_training(models.build("small-cnn", (16, 16, 1), 4, seed=0, weight_decay=1e-2),
+                                    models.build_optimizer("sgd", 0.0, 0.0))
+batches = data.EpochBatches(split, seed=0)
+assert isinstance(batches.images, jax.Array) and isinstance(batches.labels, jax.Array)
+step = jax_engine.TrainStep(model)
+before = [np.array(v.value) for v in model.trainable_variables]
+indices = np.arange(10, dtype=np.int32)
+step.reset()
+step(batches.images, batches.labels, indices)  # learning rate 0: nothing moves
+step.write_back()
+for a, v in zip(before, model.trainable_variables):
+    np.testing.assert_array_equal(a, np.array(v.value))
+assert int(np.array(model.optimizer.iterations.value)) == 1  # the optimizer's state came back too
+
+# The schedule sets the learning rate between epochs: the next epoch's state takes it.
+model.optimizer.learning_rate = 0.1
+step.reset()
+step(batches.images, batches.labels, indices)  # 10 examples, padded to 16 with zero weights
+step.write_back()
+loss_sum, correct, count = step.totals_read()
+assert count == 10 and step.compiled_shapes == {16}
+
+def mean_loss(trainable):  # over exactly those 10 examples
+    nontrainable = [v.value for v in model.non_trainable_variables]
+    logits, _ = model.stateless_call(trainable, nontrainable, data.scale(split.images[:10]), training=True)
+    return jnp.mean(model.loss.call(jnp.asarray(split.labels[:10]), logits))
+
+def objective(trainable):  # plus the weight penalty
+    with keras.StatelessScope(state_mapping=list(zip(model.trainable_variables, trainable))):
+        penalty = sum(model.losses)
+    return mean_loss(trainable) + penalty
+
+start = [jnp.asarray(a) for a in before]
+gradients = jax.grad(objective)(start)
+for a, g, v in zip(before, gradients, model.trainable_variables):
+    np.testing.assert_allclose(np.array(v.value), a - 0.1 * np.array(g), rtol=1e-4, atol=1e-6)
+np.testing.assert_allclose(loss_sum / 10, float(mean_loss(start)), rtol=1e-5)
+assert float(objective(start)) > float(mean_loss(start))  # the penalty is there
+
+# Augmentation: a reflect-padded crop and maybe a flip, the same for the same key.
+images = jnp.asarray(data.scale(split.images[:8]))
+key = jax.random.key(3)
+first, again = jax_engine.augment(images, key), jax_engine.augment(images, key)
+np.testing.assert_array_equal(np.array(first), np.array(again))
+padded = np.pad(np.array(images), ((0, 0), (4, 4), (4, 4), (0, 0)), mode="reflect")
+for image, out in zip(padded, np.array(first)):
+    windows = [image[r:r + 16, c:c + 16] for r in range(9) for c in range(9)]
+    assert any(np.array_equal(out, w) or np.array_equal(out, w[:, ::-1]) for w in windows)
+print("engine checks passed")
+"""
+
+
+def test_the_jax_step_takes_the_learning_rate_pads_with_zero_weights_and_augments_reproducibly(tmp_path):
+    result = subprocess.run([sys.executable, "-c", ENGINE_CHECKS], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env=environment("sqlite://", KERAS_BACKEND="jax"))
+    assert result.returncode == 0 and "engine checks passed" in result.stdout, result.stderr[-3000:]
+
+
+TENSORFLOW_RUN_WITHOUT_JAX = r"""
+import sys
+from growing_batch import config, train
+code = train.main(sys.argv[1:])
+assert code == 0, code
+# (TensorFlow itself imports jax when it is installed, in tensorflow.lite: not this project's doing.)
+assert "growing_batch.jax_engine" not in sys.modules, "the TensorFlow path imported the JAX engine"
+print("no jax engine")
+"""
+
+
+def test_the_tensorflow_path_never_imports_the_jax_engine(tmp_path, fashion_dir):
+    arguments = ["--epochs", "1", "--batch_size", "40", "--data_dir", fashion_dir, "--validation_size", "40"]
+    env = environment(f"sqlite:///{tmp_path}/mlflow.db")
+    env.pop("KERAS_BACKEND", None)
+    result = subprocess.run([sys.executable, "-c", TENSORFLOW_RUN_WITHOUT_JAX, *arguments], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0 and "no jax engine" in result.stdout, result.stderr[-3000:]
