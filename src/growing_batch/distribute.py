@@ -71,6 +71,12 @@ def make_strategy(devices: str, backend: str = "tensorflow"):
         if cluster() is not None:
             raise ConfigError("backend='jax' is not allowed with TF_CONFIG: expected tensorflow for a cluster of "
                               "several workers (the JAX engine trains on one device).")
+        import tensorflow as tf  # imported by the loop all the same: keep it off the GPUs JAX uses
+
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:  # TensorFlow's runtime already started in this process
+            pass
         return None
     import tensorflow as tf
 
