@@ -129,15 +129,17 @@ def test_backend_is_tensorflow_unless_given_or_in_the_environment(monkeypatch):
     (["--backend", "jax", "--model", "wrn-16-4"], "model='wrn-16-4' is not allowed: expected one without batch norm"),
     (["--backend", "jax", "--max_device_batch_size", "32"], "max_device_batch_size='32' is not allowed: expected 0 "
                                                             "with backend jax"),
-    (["--backend", "jax", "--measure_noise_scale", "true"], "measure_noise_scale='true' is not allowed: expected "
-                                                            "false with backend jax"),
-    (["--backend", "jax", "--schedule", "adaptive"], "measure_noise_scale='true' is not allowed"),
 ])
 def test_what_the_jax_engine_does_not_do_is_refused_in_one_line(monkeypatch, argv, message):
     monkeypatch.delenv("KERAS_BACKEND", raising=False)
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(")) as caught:
         from_args(argv)
     assert "\n" not in str(caught.value)
+
+
+def test_the_noise_scale_and_the_adaptive_schedule_are_allowed_on_jax(monkeypatch):
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    assert from_args(["--backend", "jax", "--schedule", "adaptive"]).measure_noise_scale is True
 
 
 def test_jax_without_jax_installed_says_how_to_install_it(monkeypatch):

@@ -1,6 +1,7 @@
 """The JAX engine (backend=jax) end to end: a batch-growth run logs what the TensorFlow run logs, with few
 XLA compilations and a like accuracy; it is reproducible; killed and resumed, it matches an uninterrupted run."""
 
+import math
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from growing_batch.metrics import EPOCH_METRICS
+from growing_batch.metrics import EPOCH_METRICS, NOISE_METRICS
 from processes import environment, histories, kill_tree, train_command, wait_for_checkpoint
 from test_reliability import assert_same_run
 
@@ -151,11 +152,28 @@ padded = np.pad(np.array(images), ((0, 0), (4, 4), (4, 4), (0, 0)), mode="reflec
 for image, out in zip(padded, np.array(first)):
     windows = [image[r:r + 16, c:c + 16] for r in range(9) for c in range(9)]
     assert any(np.array_equal(out, w) or np.array_equal(out, w[:, ::-1]) for w in windows)
+# The noise probe recovers linear regression's noise scale in closed form (as tests/test_noise.py on TensorFlow).
+d, sigma = 10, 1.0
+rng = np.random.default_rng(0)
+true_weights = rng.normal(size=d)
+r = rng.normal(size=d)
+r /= np.linalg.norm(r)
+regression = keras.Sequential([keras.Input((d,)), keras.layers.Dense(1, use_bias=False)])
+regression.layers[0].kernel.assign((true_weights + r)[:, None].astype(np.float32))
+from growing_batch import noise
+probe = jax_engine.GradientNoiseProbe(regression, lambda y, out: 0.5 * jnp.square(out[:, 0] - y), small_batch_size=16)
+estimator = noise.NoiseScaleEstimator(decay=0.98)
+for _ in range(300):
+    x = rng.normal(size=(512, d)).astype(np.float32)
+    y = (x @ true_weights + sigma * rng.normal(size=512)).astype(np.float32)
+    estimate = estimator.update(*probe(jnp.asarray(x), jnp.asarray(y)))["gradient_noise_scale"]
+assert abs(estimate / (d * (1 + sigma**2) + 1) - 1) < 0.10, estimate
+np.testing.assert_allclose(np.array(regression.layers[0].kernel.value)[:, 0], true_weights + r, rtol=1e-6)
 print("engine checks passed")
 """
 
 
-def test_the_jax_step_takes_the_learning_rate_pads_with_zero_weights_and_augments_reproducibly(tmp_path):
+def test_the_jax_step_pads_with_zero_weights_takes_the_learning_rate_and_augments_and_the_probe_measures(tmp_path):
     result = subprocess.run([sys.executable, "-c", ENGINE_CHECKS], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300, env=environment("sqlite://", KERAS_BACKEND="jax"))
     assert result.returncode == 0 and "engine checks passed" in result.stdout, result.stderr[-3000:]
@@ -179,3 +197,20 @@ def test_the_tensorflow_path_never_imports_the_jax_engine(tmp_path, fashion_dir)
     result = subprocess.run([sys.executable, "-c", TENSORFLOW_RUN_WITHOUT_JAX, *arguments], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0 and "no jax engine" in result.stdout, result.stderr[-3000:]
+
+
+def test_an_adaptive_jax_run_logs_the_noise_scale_every_epoch(tmp_path, fashion_dir):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    values = {"backend": "jax", "schedule": "adaptive", "batch_size": 20, "max_batch_size": 40, "epochs": 2,
+              "data_dir": fashion_dir, "validation_size": 40}
+    run = train(tmp_path, uri, values)
+    assert run.data.params["resolved.measure_noise_scale"] == "true"
+    history = histories(uri, run.info.run_id)
+    client = MlflowClient(uri)
+    for key in NOISE_METRICS:
+        points = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        assert [step for step, _ in points] == [1, 2], key
+        assert all(math.isfinite(value) for _, value in points), (key, points)
+    traces = [m.value for m in client.get_metric_history(run.info.run_id, "gradient_variance_trace")]
+    assert all(value > 0 for value in traces), traces  # the micro-batches' gradients differ
+    assert [step for step, _ in history["batch_size"]] == [1, 2]

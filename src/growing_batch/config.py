@@ -323,8 +323,6 @@ def _check_jax(config: Config) -> None:
              "its always padded batches would enter the batch statistics")
     _require(config.max_device_batch_size == 0, "max_device_batch_size", config.max_device_batch_size,
              "0 with backend jax (micro-batch accumulation runs on tensorflow)")
-    _require(not config.measure_noise_scale, "measure_noise_scale", config.measure_noise_scale,
-             "false with backend jax (the noise probe, and so the adaptive schedule, run on tensorflow)")
 
 
 def jax_installed() -> bool:

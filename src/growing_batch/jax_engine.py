@@ -228,3 +228,87 @@ class Evaluator:
 def device_array(values: np.ndarray):
     """A NumPy array placed on JAX's default device."""
     return jax.device_put(values)
+
+
+class GradientNoiseProbe:
+    """Squared gradient norms at two batch sizes on JAX (see :class:`growing_batch.noise.GradientNoiseProbe`).
+
+    The batch is cut into micro-batches of ``small_batch_size``; each one's gradient of the mean loss
+    plus the weight penalty (training mode) is computed in one jitted function (``jax.lax.map`` over
+    the micro-batches): the mean of their squared norms is |G_small|², the squared norm of their mean
+    |G_big|². Stateless: no weight, and no non-trainable variable, changes.
+    """
+
+    def __init__(self, model, loss, small_batch_size: int):
+        self.model = model
+        self.loss = loss
+        self.small_batch_size = int(small_batch_size)
+        self.function = jax.jit(self._measure)
+
+    def _measure(self, trainable, non_trainable, inputs, targets):
+        model, small = self.model, self.small_batch_size
+        count = targets.shape[0] // small
+        inputs = inputs[:count * small].reshape(count, small, *inputs.shape[1:])
+        targets = targets[:count * small].reshape(count, small, *targets.shape[1:])
+
+        def objective(values, part_inputs, part_targets):
+            outputs, _ = model.stateless_call(values, non_trainable, part_inputs, training=True)
+            mean_loss = jnp.mean(jnp.asarray(self.loss(part_targets, outputs), jnp.float32))
+            with keras.StatelessScope(state_mapping=list(zip(model.trainable_variables, values))):
+                penalties = model.losses
+            return mean_loss + (jnp.asarray(sum(penalties), jnp.float32) if penalties else 0.0)
+
+        def gradient(part):
+            return [jnp.asarray(g, jnp.float32) for g in jax.grad(objective)(trainable, *part)]
+
+        gradients = jax.lax.map(gradient, (inputs, targets))  # each: (count, *variable shape)
+        squared_norms = sum(jnp.sum(jnp.square(g)) for g in gradients) / count
+        big = sum(jnp.sum(jnp.square(jnp.sum(g, 0))) for g in gradients) / count**2
+        return jnp.stack([squared_norms, big])
+
+    def __call__(self, inputs, targets) -> tuple[float, float, int, int]:
+        """(|G_small|², |G_big|², B_small, B_big) from the whole micro-batches of this batch."""
+        count = int(targets.shape[0]) // self.small_batch_size
+        if count < 2:
+            raise ValueError(f"a probe needs at least 2 micro-batches of {self.small_batch_size}; received "
+                             f"{int(targets.shape[0])} examples.")
+        trainable = [v.value for v in self.model.trainable_variables]
+        non_trainable = [v.value for v in self.model.non_trainable_variables]
+        small, big = (float(value) for value in np.asarray(self.function(trainable, non_trainable, inputs, targets),
+                                                            np.float64))
+        return small, big, self.small_batch_size, count * self.small_batch_size
+
+
+def noise_scale_meter(model, batches):
+    """:class:`growing_batch.noise.NoiseScaleMeter` measuring with the JAX probe on the batches held on
+    the device (the same sizes, examples and estimator; the augmentation's draws are JAX's)."""
+    from growing_batch import noise
+
+    class NoiseScaleMeter(noise.NoiseScaleMeter):
+        def __init__(self):
+            super().__init__(model, batches)
+            self.probe = GradientNoiseProbe(model, model.loss.call, self.small_batch_size)
+            self.gather = jax.jit(self._gather)
+
+        def _gather(self, images, labels, indices, key_words):
+            batch_images = to_unit_range(jnp.take(images, indices, axis=0))
+            if batches.augment:
+                key = jax.random.key(1)  # kept apart from the training batches' keys (root key 0)
+                for word in (key_words[0], key_words[1]):
+                    key = jax.random.fold_in(key, word)
+                batch_images = augment(batch_images, key)
+            return batch_images, jnp.take(labels, indices, axis=0)
+
+        def measure(self, epoch: int) -> dict[str, float]:
+            import time
+
+            started = time.perf_counter()
+            order = np.random.default_rng([batches.seed, epoch, 7]).permutation(batches.size)
+            indices = order[: self.examples].astype(np.int32)
+            words = np.array([batches.seed & 0xFFFFFFFF, epoch], np.uint32)
+            images, labels = self.gather(batches.images, batches.labels, indices, words)
+            result = self.estimator.update(*self.probe(images, labels))
+            result["gradient_noise_scale_seconds"] = time.perf_counter() - started
+            return result
+
+    return NoiseScaleMeter()

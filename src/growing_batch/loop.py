@@ -352,13 +352,12 @@ class Trainer:
         if keras.backend.backend() == "jax":  # the JAX engine (growing_batch.jax_engine); jit_compile implied
             from growing_batch import jax_engine
 
-            if max_device_batch_size or measure_noise_scale or (strategy is not None
-                                                                and strategy.num_replicas_in_sync > 1):
-                raise ValueError("On JAX the trainer takes one device, no micro-batches and no noise meter "
+            if max_device_batch_size or (strategy is not None and strategy.num_replicas_in_sync > 1):
+                raise ValueError("On JAX the trainer takes one device and no micro-batches "
                                  "(growing_batch.config refuses them).")
             self.step = jax_engine.TrainStep(model, augment=batches.augment)
             self.evaluator = jax_engine.Evaluator(model)
-            self.noise_meter = None
+            self.noise_meter = jax_engine.noise_scale_meter(model, batches) if measure_noise_scale else None
             return
         ghost_sizes = [layer.ghost_batch_size for layer in model.layers if hasattr(layer, "ghost_batch_size")]
         self.step = TrainStep(model, augment=batches.augment, image_dtype=batches.images.dtype,
