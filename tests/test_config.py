@@ -156,3 +156,23 @@ def test_a_process_whose_keras_runs_on_another_backend_refuses(monkeypatch):
     with pytest.raises(ConfigError, match=r"^backend='jax' is not allowed in this process: expected tensorflow"):
         config_module.activate_backend(from_args(["--backend", "jax"]))
     config_module.activate_backend(from_args(["--backend", "tensorflow"]))  # the one it runs: fine
+
+
+def test_a_checkpoint_written_before_the_backend_field_resumes_on_tensorflow_only(tracking_uri, tmp_path):
+    import json
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    from growing_batch import checkpoint, train
+
+    config = from_args(["--checkpoint_dir", str(tmp_path / "checkpoints")])
+    run_id = MlflowClient(tracking_uri).create_run("0").info.run_id
+    older = {name: value for name, value in config.to_dict().items() if name != "backend"}
+    os.makedirs(checkpoint.run_directory(config.checkpoint_dir, run_id))
+    with open(checkpoint.path(config.checkpoint_dir, run_id), "w") as handle:
+        json.dump({"version": checkpoint.FORMAT_VERSION, "weights": "epoch-0001.weights.h5", "config": older,
+                   "epoch": 1, "updates": 10, "examples_seen": 1000, "rows": []}, handle)
+    assert train.plan_resume(config, run_id).epoch == 1
+    with pytest.raises(train.Refused, match="its checkpoint .* is of another configuration"):
+        train.plan_resume(dataclasses.replace(config, backend="jax"), run_id)

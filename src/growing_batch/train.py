@@ -155,6 +155,10 @@ def _resolved_params(run_id: str, required: bool) -> dict[str, str]:
 MOVABLE = ("checkpoint_dir",)
 
 
+# Fields added after checkpoints were first written, with the value an older checkpoint's run used.
+FIELDS_ADDED_SINCE = {"backend": "tensorflow"}
+
+
 def _without_movable(values: dict) -> dict:
     return {name: value for name, value in values.items() if name not in MOVABLE}
 
@@ -184,7 +188,8 @@ def plan_resume(config: Config, run_id: str | None) -> checkpoint.State | None:
         )
     if checkpoint.exists(config.checkpoint_dir, run_id):
         state = checkpoint.load_state(config.checkpoint_dir, run_id)
-        if _without_movable(state.config) != _without_movable(config.to_dict()):
+        saved = {**FIELDS_ADDED_SINCE, **state.config}  # a checkpoint written before a field existed had its default
+        if _without_movable(saved) != _without_movable(config.to_dict()):
             raise Refused(
                 f"run_id={run_id!r} is not allowed: its checkpoint "
                 f"{checkpoint.path(config.checkpoint_dir, run_id)} is of another configuration; {resume_hint}."
