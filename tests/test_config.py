@@ -106,3 +106,73 @@ def test_every_field_has_help_and_a_flag():
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Config().epochs = 3
+
+
+# --- the Keras backend -------------------------------------------------------------------------
+
+
+def test_backend_is_tensorflow_unless_given_or_in_the_environment(monkeypatch):
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    assert from_strings({}).backend == "tensorflow"
+    assert from_args(["--backend", "jax"]).backend == "jax"
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    assert from_strings({"backend": ""}).backend == "jax"  # not given (mlflow run's empty default): honoured
+    assert from_args(["--backend", "tensorflow"]).backend == "tensorflow"  # given: the parameter wins
+    monkeypatch.setenv("KERAS_BACKEND", "torch")
+    with pytest.raises(ConfigError, match=r"^KERAS_BACKEND='torch' is not allowed: expected one of tensorflow, jax"):
+        from_strings({})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--backend", "torch"], "backend='torch' is not allowed: expected one of tensorflow, jax"),
+    (["--backend", "jax", "--devices", "2"], "devices='2' is not allowed: expected auto or 1 with backend jax"),
+    (["--backend", "jax", "--model", "wrn-16-4"], "model='wrn-16-4' is not allowed: expected one without batch norm"),
+    (["--backend", "jax", "--max_device_batch_size", "32"], "max_device_batch_size='32' is not allowed: expected 0 "
+                                                            "with backend jax"),
+])
+def test_what_the_jax_engine_does_not_do_is_refused_in_one_line(monkeypatch, argv, message):
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(")) as caught:
+        from_args(argv)
+    assert "\n" not in str(caught.value)
+
+
+def test_the_noise_scale_and_the_adaptive_schedule_are_allowed_on_jax(monkeypatch):
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    assert from_args(["--backend", "jax", "--schedule", "adaptive"]).measure_noise_scale is True
+
+
+def test_jax_without_jax_installed_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(config_module, "jax_installed", lambda: False)
+    with pytest.raises(ConfigError, match=r"^backend='jax' is not allowed: .*pip install jax==0\.10\.2") as caught:
+        config_module.activate_backend(from_args(["--backend", "jax"]))
+    assert "\n" not in str(caught.value)
+
+
+def test_a_process_whose_keras_runs_on_another_backend_refuses(monkeypatch):
+    import keras  # noqa: F401  (this test process runs Keras on TensorFlow)
+
+    monkeypatch.setattr(config_module, "jax_installed", lambda: True)
+    with pytest.raises(ConfigError, match=r"^backend='jax' is not allowed in this process: expected tensorflow"):
+        config_module.activate_backend(from_args(["--backend", "jax"]))
+    config_module.activate_backend(from_args(["--backend", "tensorflow"]))  # the one it runs: fine
+
+
+def test_a_checkpoint_written_before_the_backend_field_resumes_on_tensorflow_only(tracking_uri, tmp_path):
+    import json
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    from growing_batch import checkpoint, train
+
+    config = from_args(["--checkpoint_dir", str(tmp_path / "checkpoints")])
+    run_id = MlflowClient(tracking_uri).create_run("0").info.run_id
+    older = {name: value for name, value in config.to_dict().items() if name != "backend"}
+    os.makedirs(checkpoint.run_directory(config.checkpoint_dir, run_id))
+    with open(checkpoint.path(config.checkpoint_dir, run_id), "w") as handle:
+        json.dump({"version": checkpoint.FORMAT_VERSION, "weights": "epoch-0001.weights.h5", "config": older,
+                   "epoch": 1, "updates": 10, "examples_seen": 1000, "rows": []}, handle)
+    assert train.plan_resume(config, run_id).epoch == 1
+    with pytest.raises(train.Refused, match="its checkpoint .* is of another configuration"):
+        train.plan_resume(dataclasses.replace(config, backend="jax"), run_id)

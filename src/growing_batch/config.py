@@ -26,6 +26,9 @@ MODELS = ("small-cnn", "wrn-16-4")
 BATCH_NORM_MODELS = ("wrn-16-4",)
 OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("float32", "mixed_bfloat16")
+BACKENDS = ("tensorflow", "jax")
+# The JAX release the project pins (pyproject.toml, conda.yaml, constraints.txt), for the install hint.
+JAX_INSTALL = "pip install jax==0.10.2 jaxlib==0.10.2"
 BATCH_GROWING_SCHEDULES = ("batch-growth", "step-batch", "step-hybrid", "noise-matched", "adaptive")
 MILESTONE_SCHEDULES = ("step-lr", "step-batch", "step-hybrid")
 
@@ -137,7 +140,13 @@ class Config:
         one_of(PRECISIONS)
     )
     jit_compile: bool = _field(
-        False, "compile the train step with XLA, padding batches to a few bucket sizes (zero-weight examples)"
+        False, "compile the train step with XLA, padding batches to a few bucket sizes (zero-weight examples); "
+                 "implied with backend jax"
+    )
+    backend: str = _field(
+        "tensorflow", "Keras backend: tensorflow or jax (one device; jit_compile is implied on JAX: every batch is "
+        "padded to a bucket size and XLA-compiled); not given: KERAS_BACKEND if set, else tensorflow",
+        one_of(BACKENDS)
     )
     seed: int = _field(0, "seed of the validation split, initialisation and shuffling (>= 0)",
                        Rule(lambda value: 0 <= value < 2**32, f"a whole number from 0 to {2**32 - 1} (NumPy's seeds)"))
@@ -307,7 +316,47 @@ def validate(config: Config) -> Config:
         f"false with model {config.model} or max_device_batch_size (batch norm: padding examples would enter "
         "the batch statistics; micro-batches are not padded)",
     )
+    if config.backend == "jax":
+        _check_jax(config)
     return config
+
+
+def _check_jax(config: Config) -> None:
+    """What the JAX engine does not do yet (docs/jax.md), each refused with one line."""
+    _require(config.devices in ("auto", "1"), "devices", config.devices,
+             "auto or 1 with backend jax (one device; several devices train on tensorflow)")
+    _require(config.model not in BATCH_NORM_MODELS, "model", config.model,
+             f"one without batch norm with backend jax ({', '.join(m for m in MODELS if m not in BATCH_NORM_MODELS)}): "
+             "its always padded batches would enter the batch statistics")
+    _require(config.max_device_batch_size == 0, "max_device_batch_size", config.max_device_batch_size,
+             "0 with backend jax (micro-batch accumulation runs on tensorflow)")
+
+
+def jax_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("jax") is not None and importlib.util.find_spec("jaxlib") is not None
+
+
+def activate_backend(config: Config) -> None:
+    """Make Keras run on ``config.backend``: set ``KERAS_BACKEND`` before Keras is imported.
+
+    Raises ConfigError (one line) when JAX is asked for and not installed, or when Keras was already
+    imported with another backend in this process.
+    """
+    if config.backend == "jax" and not jax_installed():
+        raise ConfigError(f"backend='jax' is not allowed: expected JAX installed; install it with: {JAX_INSTALL}")
+    keras_module = sys.modules.get("keras")
+    if keras_module is not None:
+        running = keras_module.backend.backend()
+        if running != config.backend:
+            raise ConfigError(
+                f"backend={config.backend!r} is not allowed in this process: expected {running}, the backend "
+                "Keras was imported with (start a new process, e.g. python -m growing_batch.train --backend "
+                f"{config.backend})"
+            )
+        return
+    os.environ["KERAS_BACKEND"] = config.backend
 
 
 def warnings_for(config: Config) -> list[str]:
@@ -425,6 +474,11 @@ def from_strings(values: dict[str, str]) -> Config:
     resolved: dict[str, Any] = {}
     if preset in PRESETS:  # an unknown name is rejected by validate below
         resolved.update(preset_overrides(preset))
+    environment_backend = os.environ.get("KERAS_BACKEND", "").strip()
+    if "backend" not in given and environment_backend:  # honoured when the parameter is not given
+        _require(environment_backend in BACKENDS, "KERAS_BACKEND", environment_backend,
+                 f"one of {', '.join(BACKENDS)}, or the parameter backend given")
+        resolved["backend"] = environment_backend
     resolved.update(given)
     if resolved.get("schedule") == "adaptive":
         resolved.setdefault("measure_noise_scale", True)  # what the adaptive schedule follows

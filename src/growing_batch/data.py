@@ -302,13 +302,23 @@ def load(name: str, data_dir: str = "", validation_size: int = 5000, seed: int =
 MAX_FLOAT_IMAGE_BYTES = 2 * 1024**3
 
 
+def on_jax() -> bool:
+    """Whether Keras runs on JAX (then splits are held as JAX arrays, and TensorFlow is not used)."""
+    import keras
+
+    return keras.backend.backend() == "jax"
+
+
 def device_images(images: np.ndarray):
     """The images as one tensor: float32 in [0, 1] when that fits MAX_FLOAT_IMAGE_BYTES, else uint8."""
+    values = scale(images) if images.size * 4 <= MAX_FLOAT_IMAGE_BYTES else images
+    if on_jax():
+        from growing_batch import jax_engine
+
+        return jax_engine.device_array(values)
     import tensorflow as tf
 
-    if images.size * 4 <= MAX_FLOAT_IMAGE_BYTES:
-        return tf.constant(scale(images))
-    return tf.constant(images)
+    return tf.constant(values)
 
 
 def to_unit_range(images):
@@ -402,6 +412,10 @@ class EpochBatches:
 
 
 def device_labels(labels: np.ndarray):
+    if on_jax():
+        from growing_batch import jax_engine
+
+        return jax_engine.device_array(labels.astype(np.int32))
     import tensorflow as tf
 
     return tf.constant(labels.astype(np.int32))

@@ -86,9 +86,21 @@ def import_tensorflow():
     return tensorflow
 
 
-def make_strategy(devices: str):
-    """The ``tf.distribute`` strategy for ``devices`` (see the module); the default one for one device."""
+def make_strategy(devices: str, backend: str = "tensorflow"):
+    """The ``tf.distribute`` strategy for ``devices`` (see the module); the default one for one device.
+
+    With ``backend`` jax: None (one device, the JAX engine; TensorFlow is not started).
+    """
     tf = import_tensorflow()
+    if backend == "jax":
+        if cluster() is not None:
+            raise ConfigError("backend='jax' is not allowed with TF_CONFIG: expected tensorflow for a cluster of "
+                              "several workers (the JAX engine trains on one device).")
+        try:  # imported by the loop all the same: keep it off the GPUs JAX uses
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:  # TensorFlow's runtime already started in this process
+            pass
+        return None
 
     requested = parse_devices(devices)
     if cluster() is not None:
@@ -123,11 +135,13 @@ def make_strategy(devices: str):
 
 
 def replica_count(strategy) -> int:
-    return int(strategy.num_replicas_in_sync)
+    return 1 if strategy is None else int(strategy.num_replicas_in_sync)
 
 
 def describe(strategy) -> str:
     """``one-device``, ``MirroredStrategy`` or ``MultiWorkerMirroredStrategy`` (the run's tag ``distribution``)."""
+    if strategy is None:  # the JAX engine
+        return "one-device"
     import tensorflow as tf
 
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):

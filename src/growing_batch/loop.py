@@ -204,6 +204,14 @@ class TrainStep:
         self.correct.assign(0)
         self.count.assign(0)
 
+    def totals_read(self) -> tuple[float, int, int]:
+        """The epoch's summed loss, hits and examples (waits for the last step to finish)."""
+        count = int(self.count.numpy())
+        return float(self.loss_sum.numpy()), int(self.correct.numpy()), count
+
+    def write_back(self) -> None:
+        """Nothing to do: the step updates the Keras variables themselves (the JAX step keeps its own state)."""
+
     def _step(self, images, labels, indices, weights, seed, offset, total, apply_update: bool):
         self.traces += 1  # Python side effect: runs once per trace, not per call
         # The augmentation draws for this call's examples: a micro-batch's slice of its whole batch's
@@ -358,6 +366,16 @@ class Trainer:
         self.batches = batches
         self.evaluation = dict(evaluation or {})
         self.schedule_callback = ScheduleCallback(schedule, batches)
+        if keras.backend.backend() == "jax":  # the JAX engine (growing_batch.jax_engine); jit_compile implied
+            from growing_batch import jax_engine
+
+            if max_device_batch_size or (strategy is not None and strategy.num_replicas_in_sync > 1):
+                raise ValueError("On JAX the trainer takes one device and no micro-batches "
+                                 "(growing_batch.config refuses them).")
+            self.step = jax_engine.TrainStep(model, augment=batches.augment)
+            self.evaluator = jax_engine.Evaluator(model)
+            self.noise_meter = jax_engine.noise_scale_meter(model, batches) if measure_noise_scale else None
+            return
         ghost_sizes = [layer.ghost_batch_size for layer in model.layers if hasattr(layer, "ghost_batch_size")]
         self.step = TrainStep(model, augment=batches.augment, image_dtype=batches.images.dtype,
                               max_device_batch_size=max_device_batch_size, jit_compile=jit_compile,
@@ -429,14 +447,15 @@ class Trainer:
                     callback_list.on_train_batch_end(batch, batch_logs)
                 if interruption is not None and interruption.requested:
                     raise TrainingInterrupted(interruption.requested, epoch + 1)
-            epoch_examples = int(step.count.numpy())  # waits for the last step to finish
+            loss_sum, correct, epoch_examples = step.totals_read()  # waits for the last step to finish
             epoch_seconds = time.perf_counter() - started
+            step.write_back()  # the JAX step's state into the Keras variables, before evaluation and checkpoints
             updates += len(epoch_batches)
             examples_seen += epoch_examples  # = len(epoch_batches) × batch_size: every batch is full
             batches.advance()
             epoch_logs = {
-                "train_loss": float(step.loss_sum.numpy()) / epoch_examples,
-                "train_accuracy": int(step.correct.numpy()) / epoch_examples,
+                "train_loss": loss_sum / epoch_examples,
+                "train_accuracy": correct / epoch_examples,
             }
             if loss_diverged(epoch_logs["train_loss"], first_loss):
                 diverged_epoch = epoch + 1

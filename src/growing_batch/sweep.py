@@ -6,7 +6,7 @@
 Each child is one training run (``python -m growing_batch.train``) of one member of the experiment
 with one seed, in its own process, ``workers`` at a time; it is an MLflow run tagged
 ``mlflow.parentRunId`` = the parent, ``sweep_member``, ``sweep_seed`` and ``sweep_child``. The
-overrides (``epochs``, ``dataset``, ``max_examples``, ``validation_size``, ``data_dir``, ``precision``;
+overrides (``epochs``, ``dataset``, ``max_examples``, ``validation_size``, ``data_dir``, ``precision``, ``checkpoint_dir``, ``backend``;
 empty: not given) go to every child. At the end the parent logs ``summary.csv`` (one row per member, mean ± std
 over seeds, ratios to the LR-decay baseline), ``runs.csv`` and the comparison figures.
 
@@ -41,7 +41,7 @@ from growing_batch.config import ConfigError
 from growing_batch.errors import exit_with_error
 from growing_batch.presets import PRESETS
 
-OVERRIDES = ("epochs", "dataset", "max_examples", "validation_size", "data_dir", "precision", "checkpoint_dir")
+OVERRIDES = ("epochs", "dataset", "max_examples", "validation_size", "data_dir", "precision", "checkpoint_dir", "backend")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ What a run holds:
   defaults; and what the data fixed: ``train_examples`` (N), ``validation_examples``,
   ``test_examples``, ``replicas`` (the resolved batch cap is in ``config.json`` and the description);
 * description (``mlflow.note.content``) — the schedule in words and the values it trained with;
-* tags — ``preset``, ``schedule``, ``dataset``, ``model``, ``distribution``, ``git_commit`` and a
+* tags — ``preset``, ``schedule``, ``dataset``, ``model``, ``backend``, ``distribution``, ``git_commit`` and a
   readable run name;
 * metrics at ``step = epoch`` (counted from 1) — see :data:`growing_batch.metrics.EPOCH_METRICS`; at the end
   ``train_step_traces`` and ``xla_compilations``; plus MLflow's system
@@ -517,7 +517,7 @@ def start_run(config: Config, given: dict[str, str] | None = None, run_id: str |
     if EXPERIMENT_KIND_TAG not in experiment.tags:  # the UI then opens the experiment on its training runs
         MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
     tags = {"schedule": config.schedule, "dataset": config.dataset, "model": config.model,
-            "preset": config.preset or "none"}
+            "preset": config.preset or "none", "backend": config.backend}
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit

@@ -71,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             resuming = bool(resolved)
             values = {**resolved, **config_module.given_texts(given)}
         config = config_module.from_strings(values)
+        config_module.activate_backend(config)  # KERAS_BACKEND, before anything imports Keras
         if chief:
             check_checkpoint_dir(config.checkpoint_dir)
             for warning in config_module.warnings_for(config):
@@ -155,6 +156,10 @@ def _resolved_params(run_id: str, required: bool) -> dict[str, str]:
 MOVABLE = ("checkpoint_dir", "verbose", "register_model")
 
 
+# Fields added after checkpoints were first written, with the value an older checkpoint's run used.
+FIELDS_ADDED_SINCE = {"backend": "tensorflow"}
+
+
 def _without_movable(values: dict) -> dict:
     return {name: value for name, value in values.items() if name not in MOVABLE}
 
@@ -184,7 +189,8 @@ def plan_resume(config: Config, run_id: str | None) -> checkpoint.State | None:
         )
     if checkpoint.exists(config.checkpoint_dir, run_id):
         state = checkpoint.load_state(config.checkpoint_dir, run_id)
-        if _without_movable(state.config) != _without_movable(config.to_dict()):
+        saved = {**FIELDS_ADDED_SINCE, **state.config}  # a checkpoint written before a field existed had its default
+        if _without_movable(saved) != _without_movable(config.to_dict()):
             raise Refused(
                 f"run_id={run_id!r} is not allowed: its checkpoint "
                 f"{checkpoint.path(config.checkpoint_dir, run_id)} is of another configuration; {resume_hint}."
@@ -210,6 +216,7 @@ def train(config: Config, run_id: str | None = None, given: dict | None = None, 
     ``verbose``: Keras' 0, 1 or 2 (default: the config's, where ``auto`` is a progress bar on a terminal
     and one line per epoch otherwise).
     """
+    config_module.activate_backend(config)  # before Keras is imported; or Keras' backend must be this one
     from growing_batch import data, schedules
 
     if verbose is None:
@@ -220,7 +227,7 @@ def train(config: Config, run_id: str | None = None, given: dict | None = None, 
         if run_id and chief:  # an existing run: no other process may train it meanwhile; refused before any work
             stack.enter_context(_lock(config, run_id))
             resume_state = plan_resume(config, run_id)
-        strategy = distribute.make_strategy(config.devices)  # before TensorFlow's runtime starts
+        strategy = distribute.make_strategy(config.devices, config.backend)  # before TensorFlow's runtime starts
         replicas = distribute.replica_count(strategy)
         if config.jit_compile and replicas > 1:
             raise ConfigError(f"jit_compile='true' is not allowed: expected false with {replicas} replicas (devices).")
@@ -338,7 +345,7 @@ def _build(config: Config, strategy, splits):
 
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(config.precision)
-    with strategy.scope():
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
         model = models.build(
             config.model, splits.image_shape, splits.num_classes, config.seed, config.weight_decay,
             config.ghost_batch_size, standardization=models.standardization_for(config.model, splits.train.images),
@@ -394,7 +401,7 @@ def _train_in_run(setup: Setup, run_id: str, resume_state: checkpoint.State | No
                 "parameters": model.count_params(),
                 "input_standardization": models.input_standardization(model),
                 "epochs_counted_from": 1,
-                "replicas": int(strategy.num_replicas_in_sync),
+                "replicas": distribute.replica_count(strategy),
                 "distribution": distribute.describe(strategy),
             })
             logged = {}

@@ -1,0 +1,314 @@
+"""The JAX engine behind :class:`growing_batch.loop.Trainer` (``backend=jax``; see docs/jax.md).
+
+The same objective as the TensorFlow :class:`growing_batch.loop.TrainStep`: Σᵢ wᵢ·ℓ(xᵢ, yᵢ) / B plus
+the weight penalty (``model.losses``) weighted by the call's share of the batch, with ℓ the loss the
+model was compiled with, per example. The step is one jitted, stateless function, as Keras' own JAX
+trainer builds it: ``model.stateless_call`` for the forward pass, ``jax.value_and_grad`` for the
+gradient, ``optimizer.stateless_apply`` for the update. Every batch is padded with zero-weight
+examples to :func:`growing_batch.loop.bucket_size`, so a run compiles one shape per bucket it meets
+(:attr:`TrainStep.compiled_shapes`).
+
+The trainable, non-trainable and optimizer variables' values are the step's state: read from the
+Keras variables when an epoch begins (:meth:`TrainStep.reset`: the schedule has just set the
+learning rate; a checkpoint may have been restored) and written back when it ends
+(:meth:`TrainStep.write_back`), before evaluation, checkpoints (``save_weights``) and the logged model.
+
+The batch is gathered from the training split held on the device, scaled to [0, 1] and (with
+``augment``) augmented inside the jitted function; the augmentation's draws are stateless
+functions of (seed, epoch, batch) through ``jax.random`` (not TensorFlow's draws, the same recipe).
+
+Imported only when Keras runs on JAX; the TensorFlow path never imports this module.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from growing_batch.data import AUGMENT_PADDING
+
+
+def to_unit_range(images):
+    """A batch of the device split as float32 in [0, 1] (uint8 splits are scaled here)."""
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) / 255.0
+    return images
+
+
+def augment(images, key, padding: int = AUGMENT_PADDING):
+    """Random crops of the ``padding``-pixel reflect-padded images and horizontal flips, drawn from ``key``."""
+    count, height, width, channels = images.shape
+    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)), mode="reflect")
+    top_key, left_key, flip_key = jax.random.split(key, 3)
+    top = jax.random.randint(top_key, (count,), 0, 2 * padding + 1)
+    left = jax.random.randint(left_key, (count,), 0, 2 * padding + 1)
+
+    def crop(image, row, column):
+        return jax.lax.dynamic_slice(image, (row, column, 0), (height, width, channels))
+
+    cropped = jax.vmap(crop)(padded, top, left)
+    flip = jax.random.uniform(flip_key, (count,)) < 0.5
+    return jnp.where(flip[:, None, None, None], cropped[:, :, ::-1, :], cropped)
+
+
+def batch_key(seed):
+    """The augmentation key of a batch from its seed pair (seed, epoch · 2³² + batch)."""
+    seed = np.asarray(seed, np.int64)
+    words = np.array([seed[0] & 0xFFFFFFFF, seed[1] >> 32, seed[1] & 0xFFFFFFFF], np.uint32)
+    return words
+
+
+def per_example_loss_and_hits(loss: keras.losses.Loss, labels, logits):
+    """Per-example losses (float32) by the model's compiled loss, and hits (1.0 where the arg-max is the label)."""
+    losses = jnp.asarray(loss.call(labels, logits), jnp.float32)
+    hits = (jnp.argmax(logits, -1).astype(jnp.int32) == labels).astype(jnp.float32)
+    return losses, hits
+
+
+class Totals:
+    """An epoch's per-call sums (loss, hits, examples), summed in float64 on the host when read."""
+
+    def __init__(self):
+        self.parts: list = []
+        self.running = None
+
+    def add(self, sums) -> None:
+        self.parts.append(sums)
+        self.running = sums if self.running is None else self.running + sums
+
+    def read(self) -> tuple[float, int, int]:
+        if not self.parts:
+            return 0.0, 0, 0
+        values = np.asarray(jax.device_get(jnp.stack(self.parts)), np.float64).sum(0)
+        return float(values[0]), int(round(values[1])), int(round(values[2]))
+
+
+class TrainStep:
+    """The jitted train step on JAX, with the interface the loop uses of the TensorFlow one.
+
+    :attr:`traces` counts the traces of the jitted function (one per compiled shape),
+    :attr:`compiled_shapes` the padded batch sizes.
+    """
+
+    def __init__(self, model: keras.Model, *, augment: bool = False):
+        self.model = model
+        self.augment = augment
+        self.traces = 0
+        self.compiled_shapes: set[int] = set()
+        self.totals = Totals()
+        self.state = None
+        optimizer = model.optimizer
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        self.function = jax.jit(self._step)
+
+    # --- the state --------------------------------------------------------------------------------
+
+    def _read_variables(self):
+        model = self.model
+        return ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
+                [v.value for v in model.optimizer.variables])
+
+    def reset(self) -> None:
+        """A new epoch: zero the sums, take the variables' values (the schedule has just set the learning rate)."""
+        self.totals = Totals()
+        self.state = self._read_variables()
+
+    def write_back(self) -> None:
+        """Write the state into the Keras variables (before evaluation, checkpoints and the logged model)."""
+        if self.state is None:
+            return
+        model = self.model
+        trainable, non_trainable, optimizer_values = self.state
+        for variable, value in zip(model.trainable_variables, trainable):
+            variable.assign(value)
+        for variable, value in zip(model.non_trainable_variables, non_trainable):
+            variable.assign(value)
+        for variable, value in zip(model.optimizer.variables, optimizer_values):
+            variable.assign(value)
+
+    def totals_read(self) -> tuple[float, int, int]:
+        return self.totals.read()
+
+    # --- the step ---------------------------------------------------------------------------------
+
+    def _objective(self, trainable, non_trainable, images, labels, weights, total):
+        model = self.model
+        logits, non_trainable, _ = model.stateless_call(trainable, non_trainable, images, training=True,
+                                                        return_losses=True)
+        losses, hits = per_example_loss_and_hits(model.loss, labels, logits)
+        objective = jnp.sum(weights * losses) / total
+        mapping = list(zip(model.trainable_variables, trainable)) + list(zip(model.non_trainable_variables,
+                                                                             non_trainable))
+        with keras.StatelessScope(state_mapping=mapping):
+            penalties = model.losses  # the weight penalty, from this step's values
+        if penalties:
+            share = jnp.sum(weights) / total  # this call's part of the batch (the whole: 1)
+            objective = objective + jnp.asarray(sum(penalties), jnp.float32) * share
+        sums = jnp.stack([jnp.sum(weights * losses), jnp.sum(weights * hits), jnp.sum(weights)])
+        return objective, (non_trainable, sums)
+
+    def _step(self, state, images, labels, indices, weights, key_words, total):
+        self.traces += 1  # Python side effect: once per trace (per compiled shape)
+        trainable, non_trainable, optimizer_values = state
+        batch_images = to_unit_range(jnp.take(images, indices, axis=0))
+        if self.augment:
+            key = jax.random.key(0)
+            for word in (key_words[0], key_words[1], key_words[2]):
+                key = jax.random.fold_in(key, word)
+            batch_images = augment(batch_images, key)
+        batch_labels = jnp.take(labels, indices, axis=0)
+        gradient_function = jax.value_and_grad(self._objective, has_aux=True)
+        (_, (non_trainable, sums)), gradients = gradient_function(trainable, non_trainable, batch_images,
+                                                                   batch_labels, weights, total)
+        trainable, optimizer_values = self.model.optimizer.stateless_apply(optimizer_values, gradients, trainable)
+        return (trainable, non_trainable, optimizer_values), sums
+
+    def __call__(self, images, labels, indices=None, seed=(0, 0)):
+        """One update on ``images[indices]`` (default: all of ``images``); returns the epoch's running logs."""
+        if self.state is None:
+            self.reset()
+        if indices is None:
+            indices = np.arange(int(images.shape[0]), dtype=np.int32)
+        indices = np.asarray(indices, np.int32)
+        size = len(indices)
+        padded = bucket(size)
+        self.compiled_shapes.add(padded)
+        # Padding repeats example 0 with weight 0.
+        indices = np.concatenate([indices, np.zeros(padded - size, np.int32)])
+        weights = np.concatenate([np.ones(size, np.float32), np.zeros(padded - size, np.float32)])
+        self.state, sums = self.function(self.state, images, labels, indices, weights, batch_key(seed),
+                                         np.float32(size))
+        self.totals.add(sums)
+        running = self.totals.running
+        return {"train_loss": running[0] / running[2], "train_accuracy": running[1] / running[2]}
+
+
+def bucket(size: int) -> int:
+    from growing_batch.loop import bucket_size
+
+    return bucket_size(size)
+
+
+class Evaluator:
+    """Mean loss and accuracy over :class:`~growing_batch.data.EvaluationBatches`, jitted on JAX.
+
+    Each batch is ``batch_size`` examples (or the whole split, if smaller) sliced from the split held
+    on the device; the last one's missing examples repeat the split's last with weight 0, so one
+    shape per split is compiled.
+    """
+
+    def __init__(self, model: keras.Model):
+        self.model = model
+        self.function = jax.jit(self._step, static_argnums=(4,))
+
+    def _step(self, trainable, non_trainable, images, labels, size: int, start):
+        positions = start + jnp.arange(size)
+        weights = (positions < labels.shape[0]).astype(jnp.float32)
+        positions = jnp.minimum(positions, labels.shape[0] - 1)
+        logits, _ = self.model.stateless_call(trainable, non_trainable,
+                                              to_unit_range(jnp.take(images, positions, axis=0)), training=False)
+        losses, hits = per_example_loss_and_hits(self.model.loss, jnp.take(labels, positions, axis=0), logits)
+        return jnp.stack([jnp.sum(weights * losses), jnp.sum(weights * hits)])
+
+    def __call__(self, batches) -> tuple[float, float]:
+        trainable = [v.value for v in self.model.trainable_variables]
+        non_trainable = [v.value for v in self.model.non_trainable_variables]
+        size = min(batches.batch_size, len(batches))
+        parts = [self.function(trainable, non_trainable, batches.images, batches.labels, size, np.int32(start))
+                 for start, _ in batches.bounds()]
+        loss_sum, correct = np.asarray(jax.device_get(jnp.stack(parts)), np.float64).sum(0)
+        return float(loss_sum) / len(batches), float(correct) / len(batches)
+
+
+def device_array(values: np.ndarray):
+    """A NumPy array placed on JAX's default device."""
+    return jax.device_put(values)
+
+
+class GradientNoiseProbe:
+    """Squared gradient norms at two batch sizes on JAX (see :class:`growing_batch.noise.GradientNoiseProbe`).
+
+    The batch is cut into micro-batches of ``small_batch_size``; each one's gradient of the mean loss
+    plus the weight penalty (training mode) is computed in one jitted function (``jax.lax.map`` over
+    the micro-batches): the mean of their squared norms is |G_small|², the squared norm of their mean
+    |G_big|². Stateless: no weight, and no non-trainable variable, changes.
+    """
+
+    def __init__(self, model, loss, small_batch_size: int):
+        self.model = model
+        self.loss = loss
+        self.small_batch_size = int(small_batch_size)
+        self.function = jax.jit(self._measure)
+
+    def _measure(self, trainable, non_trainable, inputs, targets):
+        model, small = self.model, self.small_batch_size
+        count = targets.shape[0] // small
+        inputs = inputs[:count * small].reshape(count, small, *inputs.shape[1:])
+        targets = targets[:count * small].reshape(count, small, *targets.shape[1:])
+
+        def objective(values, part_inputs, part_targets):
+            outputs, _ = model.stateless_call(values, non_trainable, part_inputs, training=True)
+            mean_loss = jnp.mean(jnp.asarray(self.loss(part_targets, outputs), jnp.float32))
+            with keras.StatelessScope(state_mapping=list(zip(model.trainable_variables, values))):
+                penalties = model.losses
+            return mean_loss + (jnp.asarray(sum(penalties), jnp.float32) if penalties else 0.0)
+
+        def gradient(part):
+            return [jnp.asarray(g, jnp.float32) for g in jax.grad(objective)(trainable, *part)]
+
+        gradients = jax.lax.map(gradient, (inputs, targets))  # each: (count, *variable shape)
+        squared_norms = sum(jnp.sum(jnp.square(g)) for g in gradients) / count
+        big = sum(jnp.sum(jnp.square(jnp.sum(g, 0))) for g in gradients) / count**2
+        return jnp.stack([squared_norms, big])
+
+    def __call__(self, inputs, targets) -> tuple[float, float, int, int]:
+        """(|G_small|², |G_big|², B_small, B_big) from the whole micro-batches of this batch."""
+        count = int(targets.shape[0]) // self.small_batch_size
+        if count < 2:
+            raise ValueError(f"a probe needs at least 2 micro-batches of {self.small_batch_size}; received "
+                             f"{int(targets.shape[0])} examples.")
+        trainable = [v.value for v in self.model.trainable_variables]
+        non_trainable = [v.value for v in self.model.non_trainable_variables]
+        small, big = (float(value) for value in np.asarray(self.function(trainable, non_trainable, inputs, targets),
+                                                            np.float64))
+        return small, big, self.small_batch_size, count * self.small_batch_size
+
+
+def noise_scale_meter(model, batches):
+    """:class:`growing_batch.noise.NoiseScaleMeter` measuring with the JAX probe on the batches held on
+    the device (the same sizes, examples and estimator; the augmentation's draws are JAX's)."""
+    from growing_batch import noise
+
+    class NoiseScaleMeter(noise.NoiseScaleMeter):
+        def __init__(self):
+            super().__init__(model, batches)
+            self.probe = GradientNoiseProbe(model, model.loss.call, self.small_batch_size)
+            self.gather = jax.jit(self._gather)
+
+        def _gather(self, images, labels, indices, key_words):
+            batch_images = to_unit_range(jnp.take(images, indices, axis=0))
+            if batches.augment:
+                key = jax.random.key(1)  # kept apart from the training batches' keys (root key 0)
+                for word in (key_words[0], key_words[1]):
+                    key = jax.random.fold_in(key, word)
+                batch_images = augment(batch_images, key)
+            return batch_images, jnp.take(labels, indices, axis=0)
+
+        def measure(self, epoch: int) -> dict[str, float]:
+            import time
+
+            started = time.perf_counter()
+            order = np.random.default_rng([batches.seed, epoch, 7]).permutation(batches.size)
+            indices = order[: self.examples].astype(np.int32)
+            words = np.array([batches.seed & 0xFFFFFFFF, epoch], np.uint32)
+            images, labels = self.gather(batches.images, batches.labels, indices, words)
+            result = self.estimator.update(*self.probe(images, labels))
+            result["gradient_noise_scale_seconds"] = time.perf_counter() - started
+            return result
+
+    return NoiseScaleMeter()
