@@ -19,7 +19,8 @@ def test_plan_crosses_members_and_seeds_with_the_overrides():
     assert [child.key for child in children] == [
         f"{name}/seed={seed}" for seed in (0, 1) for name in ("repro-lrd", "repro-ibs", "repro-matched", "repro-hybrid")
     ]
-    assert children[4].values == {"preset": "repro-lrd", "epochs": "3", "dataset": "fashion_mnist", "seed": "1"}
+    assert children[4].values == {"preset": "repro-lrd", "epochs": "3", "dataset": "fashion_mnist", "seed": "1",
+                                  "verbose": "2"}  # one line per epoch in the child's log
     assert children[4].argv()[:2] == ["--preset", "repro-lrd"]
 
 
