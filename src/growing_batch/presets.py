@@ -60,7 +60,7 @@ def repro_lrd():
     Command: mlflow run . --env-manager local -P preset=repro-lrd
     Reported (its CIFAR-10 logs): final test accuracy 0.629 (best 0.642), ≈53,000 updates
     (N = 45,000 here: 52,735 updates of exactly 128 examples).
-    Measured on Fashion-MNIST: see the README's 3-seed table (`make repro-fashion-mnist`).
+    Measured on Fashion-MNIST: see the README's table (`make repro-fashion-mnist`).
     """
     return dict(_REPRODUCTION, schedule="lr-decay", lr_decay=0.9)
 
@@ -73,7 +73,7 @@ def repro_ibs():
     Reported: final test accuracy 0.647 (best 0.649), ≈10,200 updates, with strong overfitting
     (test loss 1.07 -> 3.24). The cap is N/10 = 4,500 here (4,526 in the original, whose N was 45,235);
     10,112 updates on N = 45,000.
-    Measured on Fashion-MNIST: see the README's 3-seed table (`make repro-fashion-mnist`).
+    Measured on Fashion-MNIST: see the README's table (`make repro-fashion-mnist`).
     """
     return dict(_REPRODUCTION, schedule="batch-growth", batch_growth=1.037, max_batch_size=0)
 
@@ -86,7 +86,7 @@ def repro_matched():
     epoch, reaching the cap N/10 = 4,500 at epoch 35.
     Command: mlflow run . --env-manager local -P preset=repro-matched
     Expected: the test accuracy of `repro-lrd` per epoch with far fewer updates (no reported figure).
-    Measured on Fashion-MNIST: see the README's 3-seed table (`make repro-fashion-mnist`).
+    Measured on Fashion-MNIST: see the README's table (`make repro-fashion-mnist`).
     """
     return dict(_REPRODUCTION, schedule="noise-matched", lr_decay=0.9, max_batch_size=0)
 
@@ -99,7 +99,7 @@ def repro_hybrid():
     same noise scale per epoch as `repro-lrd`; B reaches 1,024 at epoch 21.
     Command: mlflow run . --env-manager local -P preset=repro-hybrid
     Expected: the test accuracy of `repro-lrd` per epoch (no reported figure).
-    Measured on Fashion-MNIST: see the README's 3-seed table (`make repro-fashion-mnist`).
+    Measured on Fashion-MNIST: see the README's table (`make repro-fashion-mnist`).
     """
     return dict(_REPRODUCTION, schedule="noise-matched", lr_decay=0.9, max_batch_size=1024)
 
