@@ -30,6 +30,7 @@ import keras
 import numpy as np
 
 from growing_batch.data import AUGMENT_PADDING
+from growing_batch.loop import bucket_size  # loop imports this module only when it trains on JAX
 
 
 def to_unit_range(images):
@@ -176,7 +177,7 @@ class TrainStep:
             indices = np.arange(int(images.shape[0]), dtype=np.int32)
         indices = np.asarray(indices, np.int32)
         size = len(indices)
-        padded = bucket(size)
+        padded = bucket_size(size)
         self.compiled_shapes.add(padded)
         # Padding repeats example 0 with weight 0.
         indices = np.concatenate([indices, np.zeros(padded - size, np.int32)])
@@ -186,12 +187,6 @@ class TrainStep:
         self.totals.add(sums)
         running = self.totals.running
         return {"train_loss": running[0] / running[2], "train_accuracy": running[1] / running[2]}
-
-
-def bucket(size: int) -> int:
-    from growing_batch.loop import bucket_size
-
-    return bucket_size(size)
 
 
 class Evaluator:
