@@ -126,7 +126,8 @@ def test_backend_is_tensorflow_unless_given_or_in_the_environment(monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["--backend", "torch"], "backend='torch' is not allowed: expected one of tensorflow, jax"),
     (["--backend", "jax", "--devices", "2"], "devices='2' is not allowed: expected auto or 1 with backend jax"),
-    (["--backend", "jax", "--model", "wrn-16-4"], "model='wrn-16-4' is not allowed: expected one without batch norm"),
+    (["--backend", "jax", "--model", "wrn-16-4"], "ghost_batch_size='0' is not allowed: expected > 0 for model "
+                                                  "wrn-16-4 with jit_compile or backend jax"),
     (["--backend", "jax", "--max_device_batch_size", "32"], "max_device_batch_size='32' is not allowed: expected 0 "
                                                             "with backend jax"),
 ])
@@ -139,6 +140,7 @@ def test_what_the_jax_engine_does_not_do_is_refused_in_one_line(monkeypatch, arg
 
 def test_the_noise_scale_and_the_adaptive_schedule_are_allowed_on_jax(monkeypatch):
     monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    assert from_args(["--backend", "jax", "--preset", "paper-decay"]).ghost_batch_size == 128  # the paper's WRN
     assert from_args(["--backend", "jax", "--schedule", "adaptive"]).measure_noise_scale is True
 
 

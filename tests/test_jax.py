@@ -143,6 +143,33 @@ for a, g, v in zip(before, gradients, model.trainable_variables):
 np.testing.assert_allclose(loss_sum / 10, float(mean_loss(start)), rtol=1e-5)
 assert float(objective(start)) > float(mean_loss(start))  # the penalty is there
 
+# Ghost batch norm (the paper's WRN) on JAX: 10 examples padded to 16 train exactly as the 10 alone do
+# (ghost batches of 8: the second holds 2 real examples and 6 of padding, left out of its statistics).
+keras.utils.set_random_seed(0)
+wrn = models.compile_for_training(models.wide_resnet((16, 16, 1), 4, depth=10, width=1, ghost_batch_size=8,
+                                                     weight_decay=5e-4, seed=0),
+                                  models.build_optimizer("sgd", 0.1, 0.0))
+wrn_start = [jnp.asarray(np.array(v.value)) for v in wrn.trainable_variables]
+wrn_statistics = [v.value for v in wrn.non_trainable_variables]
+wrn_step = jax_engine.TrainStep(wrn)
+wrn_step.reset()
+wrn_step(batches.images, batches.labels, indices)
+wrn_step.write_back()
+assert wrn_step.compiled_shapes == {16}
+
+def wrn_objective(trainable):
+    logits, statistics, _ = wrn.stateless_call(trainable, wrn_statistics, data.scale(split.images[:10]),
+                                                training=True, return_losses=True)
+    with keras.StatelessScope(state_mapping=list(zip(wrn.trainable_variables, trainable))):
+        penalty = sum(wrn.losses)
+    return jnp.mean(wrn.loss.call(jnp.asarray(split.labels[:10]), logits)) + penalty, statistics
+
+(_, unpadded_statistics), wrn_gradients = jax.value_and_grad(wrn_objective, has_aux=True)(wrn_start)
+for a, g, v in zip(wrn_start, wrn_gradients, wrn.trainable_variables):
+    np.testing.assert_allclose(np.array(v.value), np.array(a) - 0.1 * np.array(g), rtol=1e-4, atol=1e-6)
+for expected, v in zip(unpadded_statistics, wrn.non_trainable_variables):
+    np.testing.assert_allclose(np.array(v.value), np.array(expected), rtol=1e-5, atol=1e-6)
+
 # Augmentation: a reflect-padded crop and maybe a flip, the same for the same key.
 images = jnp.asarray(data.scale(split.images[:8]))
 key = jax.random.key(3)

@@ -21,9 +21,10 @@ def test_bucket_sizes_pad_at_most_a_quarter_plus_rounding():
     assert len(sizes) == 40 and len({loop.bucket_size(size) for size in sizes}) <= 4 * 6 + 1
 
 
-def one_step(images, labels, **options):
+def one_step(images, labels, model_name="small-cnn", **options):
     keras.utils.set_random_seed(0)
-    model = models.build("small-cnn", (28, 28, 1), 10, seed=0)
+    model = (models.build("small-cnn", (28, 28, 1), 10, seed=0) if model_name == "small-cnn" else
+             models.wide_resnet((28, 28, 1), 10, depth=10, width=1, ghost_batch_size=8, weight_decay=5e-4, seed=0))
     models.compile_for_training(model, models.build_optimizer("sgd", 0.1))
     step = loop.TrainStep(model, **options)
     logs = step(tf.constant(images), tf.constant(labels))
@@ -44,15 +45,20 @@ def test_xla_pads_augmented_batches_of_any_size():
     assert np.isfinite(history.history["train_loss"]).all()
 
 
-def test_padding_with_zero_weight_examples_leaves_the_update_exact():
+@pytest.mark.parametrize("model_name", ["small-cnn", "wrn-ghost-8"])
+def test_padding_with_zero_weight_examples_leaves_the_update_exact(model_name):
+    """37 examples padded to 40 (with a WRN: ghost batches of 8, the last holding 5 real examples and 3
+    of padding, which its statistics leave out): the same weights, batch-norm statistics and logs."""
     rng = np.random.default_rng(0)
     images = rng.random((37, 28, 28, 1)).astype(np.float32)
     labels = rng.integers(0, 10, 37).astype(np.int32)
-    plain, plain_logs, _ = one_step(images, labels)
-    padded, padded_logs, step = one_step(images, labels, jit_compile=True)
+    plain, plain_logs, plain_step = one_step(images, labels, model_name)
+    padded, padded_logs, step = one_step(images, labels, model_name, jit_compile=True)
     assert step.compiled_shapes == {40}
     for a, b in zip(plain, padded):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    for a, b in zip(plain_step.model.non_trainable_variables, step.model.non_trainable_variables):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6)
     assert padded_logs == pytest.approx(plain_logs, rel=1e-5)
 
 
@@ -93,10 +99,10 @@ def test_mixed_bfloat16_trains_with_float32_logits_and_weights(fashion_dir):
     "argv, message",
     [
         (["--precision", "float16"], "precision='float16' is not allowed: expected one of float32, mixed_bfloat16"),
-        (["--jit_compile", "true", "--model", "wrn-16-4", "--ghost_batch_size", "128"],
-         "jit_compile='true' is not allowed: expected false with model wrn-16-4 or max_device_batch_size"),
-        (["--jit_compile", "true", "--model", "wrn-16-4"],  # plain batch norm would see the padding too
-         "jit_compile='true' is not allowed: expected false with model wrn-16-4 or max_device_batch_size"),
+        (["--jit_compile", "true", "--model", "wrn-16-4"],  # plain batch norm would see the padding
+         "ghost_batch_size='0' is not allowed: expected > 0 for model wrn-16-4 with jit_compile or backend jax"),
+        (["--jit_compile", "true", "--model", "wrn-16-4", "--ghost_batch_size", "16", "--max_device_batch_size", "32"],
+         "jit_compile='true' is not allowed: expected false with max_device_batch_size"),
     ],
 )
 def test_performance_options_are_validated(argv, message):

@@ -311,10 +311,16 @@ def validate(config: Config) -> Config:
         f"a multiple of ghost_batch_size ({config.ghost_batch_size}), so that no ghost batch straddles two micro-batches",
     )
     _require(
-        not config.jit_compile or (config.model not in BATCH_NORM_MODELS and config.max_device_batch_size == 0),
-        "jit_compile", config.jit_compile,
-        f"false with model {config.model} or max_device_batch_size (batch norm: padding examples would enter "
-        "the batch statistics; micro-batches are not padded)",
+        not config.jit_compile or config.max_device_batch_size == 0, "jit_compile", config.jit_compile,
+        "false with max_device_batch_size (micro-batches are not padded to the compiled sizes)",
+    )
+    _require(
+        not (config.jit_compile or config.backend == "jax") or config.model not in BATCH_NORM_MODELS
+        or config.ghost_batch_size > 0,
+        "ghost_batch_size", config.ghost_batch_size,
+        f"> 0 for model {config.model} with jit_compile or backend jax (their batches are padded to a compiled "
+        "size: ghost batch norm leaves the zero-weight padding out of its statistics, Keras' BatchNormalization "
+        "would not)",
     )
     if config.backend == "jax":
         _check_jax(config)
@@ -325,9 +331,6 @@ def _check_jax(config: Config) -> None:
     """What the JAX engine does not do yet (docs/jax.md), each refused with one line."""
     _require(config.devices in ("auto", "1"), "devices", config.devices,
              "auto or 1 with backend jax (one device; several devices train on tensorflow)")
-    _require(config.model not in BATCH_NORM_MODELS, "model", config.model,
-             f"one without batch norm with backend jax ({', '.join(m for m in MODELS if m not in BATCH_NORM_MODELS)}): "
-             "its always padded batches would enter the batch statistics")
     _require(config.max_device_batch_size == 0, "max_device_batch_size", config.max_device_batch_size,
              "0 with backend jax (micro-batch accumulation runs on tensorflow)")
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
+from growing_batch import models
 from growing_batch.data import AUGMENT_PADDING
 from growing_batch.loop import bucket_size  # loop imports this module only when it trains on JAX
 
@@ -139,8 +140,9 @@ class TrainStep:
 
     def _objective(self, trainable, non_trainable, images, labels, weights, total):
         model = self.model
-        logits, non_trainable, _ = model.stateless_call(trainable, non_trainable, images, training=True,
-                                                        return_losses=True)
+        with models.example_weights(weights):  # padding takes no part in batch statistics
+            logits, non_trainable, _ = model.stateless_call(trainable, non_trainable, images, training=True,
+                                                            return_losses=True)
         losses, hits = per_example_loss_and_hits(model.loss, labels, logits)
         objective = jnp.sum(weights * losses) / total
         mapping = list(zip(model.trainable_variables, trainable)) + list(zip(model.non_trainable_variables,

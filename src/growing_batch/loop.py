@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from growing_batch import checkpoint, data
+from growing_batch import checkpoint, data, models
 from growing_batch.data import EpochBatches
 from growing_batch.schedules import Schedule
 
@@ -223,7 +223,8 @@ class TrainStep:
         def replica_step(batch_images, batch_labels, weights):
             images, labels, weights = self._replica_share(batch_images, batch_labels, weights)
             with tf.GradientTape() as tape:
-                logits = self.model(images, training=True)
+                with models.example_weights(weights):  # padding takes no part in batch statistics
+                    logits = self.model(images, training=True)
                 losses, hits = loss_and_hits(self.model.loss, labels, logits)
                 objective = tf.reduce_sum(weights * losses) / tf.cast(total, tf.float32)
                 if self.model.losses:  # the weight penalty, once per update

@@ -40,13 +40,37 @@ kernels, biases, and batch-norm scales and offsets, as Zagoruyko & Komodakis' SG
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import keras
+import numpy as np
 
 from growing_batch.config import MODELS
 
 
 def _regularizer(weight_decay: float):
     return keras.regularizers.L2(weight_decay / 2) if weight_decay > 0 else None
+
+
+class _ExampleWeights(threading.local):
+    values = None  # this thread's batch's per-example weights while a train step traces its model call
+
+
+_EXAMPLE_WEIGHTS = _ExampleWeights()
+
+
+@contextlib.contextmanager
+def example_weights(weights):
+    """Within this block, :class:`GhostBatchNormalization` computes its training statistics with these
+    per-example weights (shape (batch,); 0 for the padding that fills a batch up to a compiled size),
+    so that padding never enters the batch statistics. The train steps of both engines call the model
+    inside it; outside, every example weighs 1. Per thread (TensorFlow's replicas trace in threads of their own)."""
+    previous, _EXAMPLE_WEIGHTS.values = _EXAMPLE_WEIGHTS.values, weights
+    try:
+        yield
+    finally:
+        _EXAMPLE_WEIGHTS.values = previous
 
 
 @keras.saving.register_keras_serializable(package="growing_batch")
@@ -58,6 +82,11 @@ class GhostBatchNormalization(keras.layers.Layer):
     (over examples and spatial positions, per channel). The moving statistics used at inference
     follow the mean of the ghost batches' statistics with ``momentum``, like BatchNormalization.
     Works for any batch size without retracing (the number of ghost batches is computed in-graph).
+
+    Written in ``keras.ops``: the same layer on TensorFlow and JAX. Inside :func:`example_weights`
+    the statistics are weighted by the examples' weights: zero-weight padding takes no part in them
+    (a ghost batch of padding alone is normalised by mean 0, variance 0 and left out of the moving
+    statistics), so a padded batch trains exactly like the unpadded one.
     """
 
     def __init__(self, ghost_batch_size: int = 128, momentum: float = 0.9, epsilon: float = 1e-5,
@@ -85,39 +114,43 @@ class GhostBatchNormalization(keras.layers.Layer):
         )
 
     def call(self, inputs, training=False):
-        import tensorflow as tf
-
+        ops = keras.ops
         compute_dtype = inputs.dtype
-        inputs = tf.cast(inputs, tf.float32)  # statistics in float32, also under mixed precision
+        inputs = ops.cast(inputs, "float32")  # statistics in float32, also under mixed precision
         if not training:
-            return tf.cast(
-                tf.nn.batch_normalization(
-                    inputs, self.moving_mean, self.moving_variance, self.beta, self.gamma, self.epsilon
-                ),
-                compute_dtype,
-            )
-        batch = tf.shape(inputs)[0]
-        groups = tf.range(batch) // self.ghost_batch_size
+            scale = ops.rsqrt(self.moving_variance + self.epsilon) * self.gamma
+            return ops.cast((inputs - self.moving_mean) * scale + self.beta, compute_dtype)
+        batch = ops.shape(inputs)[0]  # a Python int on JAX; a tensor on TensorFlow when the batch is unknown
+        groups = ops.floor_divide(ops.arange(batch, dtype="int32"), self.ghost_batch_size)
         count = (batch + self.ghost_batch_size - 1) // self.ghost_batch_size
-        spatial = tf.cast(tf.reduce_prod(tf.shape(inputs)[1:-1]), inputs.dtype)
-        sizes = tf.math.unsorted_segment_sum(tf.ones_like(groups, dtype=inputs.dtype), groups, count) * spatial
+        weights = _EXAMPLE_WEIGHTS.values
+        weights = ops.ones((batch,), "float32") if weights is None else ops.cast(weights, "float32")
         axes = list(range(1, len(inputs.shape) - 1))
+        spatial = float(np.prod(inputs.shape[1:-1]))
+        sizes = ops.segment_sum(weights, groups, num_segments=count) * spatial  # weighted values per ghost batch
+        present = ops.cast(sizes > 0, "float32")  # ghost batches with a real example
+        column = (-1,) + (1,) * len(axes)
 
-        def per_ghost_batch_mean(values):  # (batch, ..., channels) -> (count, channels)
-            return tf.math.unsorted_segment_sum(tf.reduce_sum(values, axes), groups, count) / sizes[:, None]
+        def per_ghost_batch_mean(values):  # (batch, ..., channels) -> (count, channels), weighted
+            sums = ops.segment_sum(ops.sum(values, axes) * weights[:, None], groups, num_segments=count)
+            return sums / ops.maximum(sizes, 1.0)[:, None]
 
         def per_example(statistic):  # (count, channels) -> (batch, 1, ..., 1, channels)
-            return tf.reshape(tf.gather(statistic, groups), [-1] + [1] * len(axes) + [inputs.shape[-1]])
+            return ops.reshape(ops.take(statistic, groups, axis=0), column + (inputs.shape[-1],))
 
         mean = per_ghost_batch_mean(inputs)
         centred = inputs - per_example(mean)
-        variance = per_ghost_batch_mean(tf.square(centred))
-        outputs = centred * per_example(tf.math.rsqrt(variance + self.epsilon)) * self.gamma + self.beta
-        self.moving_mean.assign(self.momentum * self.moving_mean + (1 - self.momentum) * tf.reduce_mean(mean, 0))
+        variance = per_ghost_batch_mean(ops.square(centred))
+        outputs = centred * per_example(ops.rsqrt(variance + self.epsilon)) * self.gamma + self.beta
+
+        def over_ghost_batches(statistic):  # the mean over the ghost batches that hold a real example
+            return ops.sum(statistic * present[:, None], 0) / ops.maximum(ops.sum(present), 1.0)
+
+        self.moving_mean.assign(self.momentum * self.moving_mean + (1 - self.momentum) * over_ghost_batches(mean))
         self.moving_variance.assign(
-            self.momentum * self.moving_variance + (1 - self.momentum) * tf.reduce_mean(variance, 0)
+            self.momentum * self.moving_variance + (1 - self.momentum) * over_ghost_batches(variance)
         )
-        return tf.cast(outputs, compute_dtype)
+        return ops.cast(outputs, compute_dtype)
 
     def get_config(self):
         return {**super().get_config(), "ghost_batch_size": self.ghost_batch_size,
