@@ -125,7 +125,6 @@ def test_backend_is_tensorflow_unless_given_or_in_the_environment(monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["--backend", "torch"], "backend='torch' is not allowed: expected one of tensorflow, jax"),
-    (["--backend", "jax", "--devices", "2"], "devices='2' is not allowed: expected auto or 1 with backend jax"),
     (["--backend", "jax", "--model", "wrn-16-4"], "ghost_batch_size='0' is not allowed: expected > 0 for model "
                                                   "wrn-16-4 with jit_compile or backend jax"),
     (["--backend", "jax", "--max_device_batch_size", "32"], "max_device_batch_size='32' is not allowed: expected 0 "

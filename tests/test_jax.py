@@ -206,6 +206,77 @@ def test_the_jax_step_pads_with_zero_weights_takes_the_learning_rate_and_augment
     assert result.returncode == 0 and "engine checks passed" in result.stdout, result.stderr[-3000:]
 
 
+DATA_PARALLEL_CHECKS = r"""
+import jax, keras, numpy as np
+from growing_batch import data, distribute, jax_engine, models
+from growing_batch.config import ConfigError
+
+assert len(jax.devices()) == 2  # XLA_FLAGS=--xla_force_host_platform_device_count=2
+rng = np.random.default_rng(0)
+split = data.Split(rng.integers(0, 256, (60, 16, 16, 1)).astype(np.uint8), rng.integers(0, 4, 60).astype(np.int32))
+
+def two_updates(devices):
+    distribution = distribute.jax_distribution(devices)
+    keras.utils.set_random_seed(0)
+    model = models.compile_for_training(models.wide_resnet((16, 16, 1), 4, depth=10, width=1, ghost_batch_size=8,
+                                                           weight_decay=5e-4, seed=0),
+                                        models.build_optimizer("sgd", 0.1, 0.9))
+    batches = data.EpochBatches(split, seed=0, augment=True)  # made under the distribution: replicated
+    step = jax_engine.TrainStep(model, augment=True)
+    step.reset()
+    for _ in range(2):  # 37 examples: padded to 40, 20 per device; ghost batches of 8 across both
+        step(batches.images, batches.labels, np.arange(37, dtype=np.int32), seed=(0, 5))
+    step.write_back()
+    evaluation = jax_engine.Evaluator(model)(data.evaluation_batches(split))
+    keras.distribution.set_distribution(None)
+    return model, step, evaluation, distribution
+
+one, one_step, one_evaluation, none = two_updates("1")
+two, two_step, two_evaluation, distribution = two_updates("2")
+assert none is None and distribute.describe(distribution) == "DataParallel" and distribute.replica_count(distribution) == 2
+assert len(two.trainable_variables[0].value.sharding.device_set) == 2
+assert one_step.compiled_shapes == two_step.compiled_shapes == {40}
+loss_one, hits_one, count_one = one_step.totals_read()
+loss_two, hits_two, count_two = two_step.totals_read()
+assert count_one == count_two == 74 and hits_one == hits_two and abs(loss_one - loss_two) < 1e-4 * loss_one
+np.testing.assert_allclose(two_evaluation, one_evaluation, rtol=1e-5)
+for a, b in zip(one.variables, two.variables):  # weights, batch-norm statistics, momentum, iterations
+    np.testing.assert_allclose(np.array(b.value), np.array(a.value), rtol=1e-4, atol=1e-6, err_msg=a.path)
+try:
+    distribute.jax_distribution("3")
+except ConfigError as error:
+    assert str(error).startswith("devices='3' is not allowed with backend jax: expected at most the 2 local JAX "
+                                 "device(s) (cpu); on a CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=3"), error
+else:
+    raise AssertionError("devices=3 of 2 was accepted")
+print("data-parallel checks passed")
+"""
+
+
+def test_two_jax_devices_make_the_same_updates_as_one(tmp_path):
+    """devices=2 on two CPU devices (XLA_FLAGS): Keras' DataParallel shards the padded batch; the updates,
+    batch-norm statistics and evaluation equal one device's up to float rounding."""
+    result = subprocess.run([sys.executable, "-c", DATA_PARALLEL_CHECKS], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env=environment("sqlite://", KERAS_BACKEND="jax",
+                                                         XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert result.returncode == 0 and "data-parallel checks passed" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_jax_run_on_two_devices_finishes_and_says_so(tmp_path, fashion_dir):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = jax_environment(uri)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    values = {"backend": "jax", "devices": 2, "batch_size": 30, "epochs": 2, "data_dir": fashion_dir,
+              "validation_size": 40}
+    result = subprocess.run(train_command(values), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = MlflowClient(uri).search_runs(["0"])[0]
+    assert run.info.status == "FINISHED" and run.data.tags["distribution"] == "DataParallel"
+    assert run.data.metrics["xla_compilations"] == 1  # 30 -> the bucket 32, 16 per device
+    assert run.data.params["replicas"] == "2" and run.data.params["resolved.devices"] == "2"
+    assert [step for step, _ in histories(uri, run.info.run_id)["test_accuracy"]] == [1, 2]
+
+
 TENSORFLOW_RUN_WITHOUT_JAX = r"""
 import sys
 from growing_batch import config, train

@@ -144,8 +144,8 @@ class Config:
                  "implied with backend jax"
     )
     backend: str = _field(
-        "tensorflow", "Keras backend: tensorflow or jax (one device; jit_compile is implied on JAX: every batch is "
-        "padded to a bucket size and XLA-compiled); not given: KERAS_BACKEND if set, else tensorflow",
+        "tensorflow", "Keras backend: tensorflow or jax (jit_compile is implied on JAX: every batch is padded to a "
+        "bucket size and XLA-compiled); not given: KERAS_BACKEND if set, else tensorflow",
         one_of(BACKENDS)
     )
     seed: int = _field(0, "seed of the validation split, initialisation and shuffling (>= 0)",
@@ -329,8 +329,6 @@ def validate(config: Config) -> Config:
 
 def _check_jax(config: Config) -> None:
     """What the JAX engine does not do yet (docs/jax.md), each refused with one line."""
-    _require(config.devices in ("auto", "1"), "devices", config.devices,
-             "auto or 1 with backend jax (one device; several devices train on tensorflow)")
     _require(config.max_device_batch_size == 0, "max_device_batch_size", config.max_device_batch_size,
              "0 with backend jax (micro-batch accumulation runs on tensorflow)")
 

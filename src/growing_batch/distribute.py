@@ -1,4 +1,4 @@
-"""Data-parallel training with TensorFlow's own engine, ``tf.distribute``.
+"""Data-parallel training: TensorFlow's own engine, ``tf.distribute``, or Keras' distribution API on JAX.
 
 ``devices`` (a config field) chooses the replicas of one machine:
 
@@ -19,6 +19,14 @@ gradients, so an update is the mean gradient over the whole batch, as on one dev
 
 Logical CPU devices can only be made before TensorFlow starts its runtime: :func:`make_strategy` is
 called first thing in a training process.
+
+On JAX (``backend=jax``), several devices train under Keras' own
+``keras.distribution.DataParallel`` over the local JAX devices (GPUs; on a CPU, the devices that
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` makes): weights and the data splits are
+replicated, every padded batch is sharded over the devices along its examples, and XLA sums the
+gradients, so an update is again the mean gradient over the whole batch, and ghost batches are those
+of one device. ``auto`` there means every GPU, or one CPU device. Multi-host JAX (``TF_CONFIG`` or
+``jax.distributed``) is not supported yet.
 """
 
 from __future__ import annotations
@@ -89,18 +97,19 @@ def import_tensorflow():
 def make_strategy(devices: str, backend: str = "tensorflow"):
     """The ``tf.distribute`` strategy for ``devices`` (see the module); the default one for one device.
 
-    With ``backend`` jax: None (one device, the JAX engine; TensorFlow is not started).
+    With ``backend`` jax: None for one device, else a ``keras.distribution.DataParallel`` over the
+    first N local JAX devices, set as Keras' distribution for the process (:func:`jax_distribution`).
     """
     tf = import_tensorflow()
     if backend == "jax":
         if cluster() is not None:
             raise ConfigError("backend='jax' is not allowed with TF_CONFIG: expected tensorflow for a cluster of "
-                              "several workers (the JAX engine trains on one device).")
+                              "several workers (multi-host JAX is not supported yet).")
         try:  # imported by the loop all the same: keep it off the GPUs JAX uses
             tf.config.set_visible_devices([], "GPU")
         except RuntimeError:  # TensorFlow's runtime already started in this process
             pass
-        return None
+        return jax_distribution(devices)
 
     requested = parse_devices(devices)
     if cluster() is not None:
@@ -134,14 +143,43 @@ def make_strategy(devices: str, backend: str = "tensorflow"):
     return tf.distribute.MirroredStrategy([f"/cpu:{index}" for index in range(count)])
 
 
+def jax_distribution(devices: str):
+    """None (one device), or ``keras.distribution.DataParallel`` over the first N local JAX devices,
+    made Keras' distribution for this process (before the model and the data splits are made)."""
+    import jax
+    import keras
+
+    local = jax.local_devices()
+    on_gpu = local[0].platform != "cpu"
+    requested = parse_devices(devices)
+    count = (len(local) if on_gpu else 1) if requested is None else requested
+    if count > len(local):
+        hint = ("" if on_gpu else f"; on a CPU, set XLA_FLAGS=--xla_force_host_platform_device_count={count} "
+                "before the process starts to make that many")
+        raise ConfigError(f"devices={devices!r} is not allowed with backend jax: expected at most the {len(local)} "
+                          f"local JAX device(s) ({local[0].platform}){hint}.")
+    if count == 1:
+        return None
+    distribution = keras.distribution.DataParallel(devices=local[:count])
+    keras.distribution.set_distribution(distribution)
+    return distribution
+
+
 def replica_count(strategy) -> int:
-    return 1 if strategy is None else int(strategy.num_replicas_in_sync)
+    if strategy is None:
+        return 1
+    if hasattr(strategy, "device_mesh"):  # keras.distribution.DataParallel (JAX)
+        return int(strategy.device_mesh.devices.size)
+    return int(strategy.num_replicas_in_sync)
 
 
 def describe(strategy) -> str:
-    """``one-device``, ``MirroredStrategy`` or ``MultiWorkerMirroredStrategy`` (the run's tag ``distribution``)."""
-    if strategy is None:  # the JAX engine
+    """``one-device``, ``MirroredStrategy``, ``MultiWorkerMirroredStrategy`` or (JAX) ``DataParallel``
+    (the run's tag ``distribution``)."""
+    if strategy is None:  # one device
         return "one-device"
+    if hasattr(strategy, "device_mesh"):
+        return "DataParallel"
     import tensorflow as tf
 
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):

@@ -13,6 +13,11 @@ Keras variables when an epoch begins (:meth:`TrainStep.reset`: the schedule has 
 learning rate; a checkpoint may have been restored) and written back when it ends
 (:meth:`TrainStep.write_back`), before evaluation, checkpoints (``save_weights``) and the logged model.
 
+Several devices (``devices=N``): under Keras' ``keras.distribution.DataParallel`` (set by
+:func:`growing_batch.distribute.jax_distribution`) the variables and the splits are replicated; the
+step's indices and weights are sharded over the devices along the batch (the padded size is also a
+multiple of N), and XLA partitions the same jitted function, summing the gradients across devices.
+
 The batch is gathered from the training split held on the device, scaled to [0, 1] and (with
 ``augment``) augmented inside the jitted function; the augmentation's draws are stateless
 functions of (seed, epoch, batch) through ``jax.random`` (not TensorFlow's draws, the same recipe).
@@ -89,6 +94,26 @@ class Totals:
         return float(values[0]), int(round(values[1])), int(round(values[2]))
 
 
+def replicas() -> int:
+    """The devices a batch is sharded over: those of Keras' distribution, else 1."""
+    distribution = keras.distribution.distribution()
+    return 1 if distribution is None else int(distribution.device_mesh.devices.size)
+
+
+def padded_size(batch_size: int) -> int:
+    """The compiled size of a batch: :func:`growing_batch.loop.bucket_size`, rounded up to a multiple of the devices."""
+    count = replicas()
+    return -(-bucket_size(batch_size) // count) * count
+
+
+def shard_batch(values: np.ndarray):
+    """A per-example array sharded over the devices along its first axis (as is, on one device)."""
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return values
+    return keras.distribution.distribute_tensor(values, distribution.get_data_layout(values.shape))
+
+
 class TrainStep:
     """The jitted train step on JAX, with the interface the loop uses of the TensorFlow one.
 
@@ -99,6 +124,7 @@ class TrainStep:
     def __init__(self, model: keras.Model, *, augment: bool = False):
         self.model = model
         self.augment = augment
+        self.replicas = replicas()
         self.traces = 0
         self.compiled_shapes: set[int] = set()
         self.totals = Totals()
@@ -179,11 +205,11 @@ class TrainStep:
             indices = np.arange(int(images.shape[0]), dtype=np.int32)
         indices = np.asarray(indices, np.int32)
         size = len(indices)
-        padded = bucket_size(size)
+        padded = padded_size(size)
         self.compiled_shapes.add(padded)
         # Padding repeats example 0 with weight 0.
-        indices = np.concatenate([indices, np.zeros(padded - size, np.int32)])
-        weights = np.concatenate([np.ones(size, np.float32), np.zeros(padded - size, np.float32)])
+        indices = shard_batch(np.concatenate([indices, np.zeros(padded - size, np.int32)]))
+        weights = shard_batch(np.concatenate([np.ones(size, np.float32), np.zeros(padded - size, np.float32)]))
         self.state, sums = self.function(self.state, images, labels, indices, weights, batch_key(seed),
                                          np.float32(size))
         self.totals.add(sums)
@@ -194,17 +220,16 @@ class TrainStep:
 class Evaluator:
     """Mean loss and accuracy over :class:`~growing_batch.data.EvaluationBatches`, jitted on JAX.
 
-    Each batch is ``batch_size`` examples (or the whole split, if smaller) sliced from the split held
-    on the device; the last one's missing examples repeat the split's last with weight 0, so one
-    shape per split is compiled.
+    Each batch is ``batch_size`` examples (or the whole split, if smaller; rounded up to a multiple of
+    the devices, over which it is sharded) gathered from the split held on the device; the last one's
+    missing examples repeat the split's last with weight 0, so one shape per split is compiled.
     """
 
     def __init__(self, model: keras.Model):
         self.model = model
-        self.function = jax.jit(self._step, static_argnums=(4,))
+        self.function = jax.jit(self._step)
 
-    def _step(self, trainable, non_trainable, images, labels, size: int, start):
-        positions = start + jnp.arange(size)
+    def _step(self, trainable, non_trainable, images, labels, positions):
         weights = (positions < labels.shape[0]).astype(jnp.float32)
         positions = jnp.minimum(positions, labels.shape[0] - 1)
         logits, _ = self.model.stateless_call(trainable, non_trainable,
@@ -215,16 +240,22 @@ class Evaluator:
     def __call__(self, batches) -> tuple[float, float]:
         trainable = [v.value for v in self.model.trainable_variables]
         non_trainable = [v.value for v in self.model.non_trainable_variables]
-        size = min(batches.batch_size, len(batches))
-        parts = [self.function(trainable, non_trainable, batches.images, batches.labels, size, np.int32(start))
+        count = replicas()
+        size = -(-min(batches.batch_size, len(batches)) // count) * count
+        parts = [self.function(trainable, non_trainable, batches.images, batches.labels,
+                               shard_batch(np.arange(start, start + size, dtype=np.int32)))
                  for start, _ in batches.bounds()]
         loss_sum, correct = np.asarray(jax.device_get(jnp.stack(parts)), np.float64).sum(0)
         return float(loss_sum) / len(batches), float(correct) / len(batches)
 
 
 def device_array(values: np.ndarray):
-    """A NumPy array placed on JAX's default device."""
-    return jax.device_put(values)
+    """A NumPy array placed on JAX's default device, or on every device of Keras' distribution (replicated)."""
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return jax.device_put(values)
+    replicated = keras.distribution.TensorLayout([None] * np.ndim(values), distribution.device_mesh)
+    return keras.distribution.distribute_tensor(values, replicated)
 
 
 class GradientNoiseProbe:

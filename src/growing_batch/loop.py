@@ -353,7 +353,8 @@ class Trainer:
     ``schedule`` maps an epoch (from 1) to its (ε, B, m). ``evaluation`` maps a prefix to
     :class:`~growing_batch.data.EvaluationBatches` (``{"val": ..., "test": ...}``), evaluated after
     each epoch as ``<prefix>_loss`` and ``<prefix>_accuracy``. ``max_device_batch_size``,
-    ``jit_compile`` and ``strategy``: see :class:`TrainStep`. With ``measure_noise_scale``, each
+    ``jit_compile`` and ``strategy``: see :class:`TrainStep` (on JAX, ``strategy`` is Keras'
+    ``DataParallel`` distribution or None: see :mod:`growing_batch.jax_engine`). With ``measure_noise_scale``, each
     epoch also measures the gradient noise scale (:class:`growing_batch.noise.NoiseScaleMeter`).
     """
 
@@ -370,9 +371,9 @@ class Trainer:
         if keras.backend.backend() == "jax":  # the JAX engine (growing_batch.jax_engine); jit_compile implied
             from growing_batch import jax_engine
 
-            if max_device_batch_size or (strategy is not None and strategy.num_replicas_in_sync > 1):
-                raise ValueError("On JAX the trainer takes one device and no micro-batches "
-                                 "(growing_batch.config refuses them).")
+            if max_device_batch_size:
+                raise ValueError("On JAX the trainer takes no micro-batches (growing_batch.config refuses them).")
+            # Several devices: Keras' distribution (``strategy``, set for the process) shards each batch.
             self.step = jax_engine.TrainStep(model, augment=batches.augment)
             self.evaluator = jax_engine.Evaluator(model)
             self.noise_meter = jax_engine.noise_scale_meter(model, batches) if measure_noise_scale else None

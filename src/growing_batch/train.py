@@ -229,7 +229,7 @@ def train(config: Config, run_id: str | None = None, given: dict | None = None, 
             resume_state = plan_resume(config, run_id)
         strategy = distribute.make_strategy(config.devices, config.backend)  # before TensorFlow's runtime starts
         replicas = distribute.replica_count(strategy)
-        if config.jit_compile and replicas > 1:
+        if config.jit_compile and replicas > 1 and config.backend != "jax":
             raise ConfigError(f"jit_compile='true' is not allowed: expected false with {replicas} replicas (devices).")
         splits = data.load(
             config.dataset, config.data_dir, config.validation_size, config.seed, config.max_examples
