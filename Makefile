@@ -12,7 +12,7 @@ EXPERIMENT ?= quick-fashion-mnist
 EPOCHS ?= 10
 MLFLOW_RUN := mlflow run . --env-manager local --experiment-name $(EXPERIMENT)
 
-.PHONY: setup data main test constraints ui repro-fashion-mnist bench
+.PHONY: setup data main test constraints ui repro-fashion-mnist bench gpu-check gpu-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,18 @@ repro-fashion-mnist: data
 QUICK ?= false
 bench: setup
 	mlflow run . --env-manager local --experiment-name bench -e bench -P output=$(CURDIR)/bench.json -P quick=$(QUICK)
+
+# The GPU check (docs/jax.md): the JAX bench and the paper's WRN-16-4 presets timed against Keras fit
+# on synthetic CIFAR-shaped data, one JSON line per measurement (no data set needed). QUICK=true: 10,000 images.
+gpu-check: setup
+	python -m growing_batch.gpu_check --quick $(QUICK) --output $(CURDIR)/gpu-check.jsonl
+
+# For a GPU machine without network (Python 3.12 with JAX): the wheels it lacks, into .whl/, for
+# scripts/gpu_check_on_device.sh there.
+gpu-wheels: setup
+	python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform any -d .whl -r scripts/gpu-check-wheels.txt
 
 test: setup
 	python -m pytest

@@ -297,11 +297,51 @@ def test_the_tensorflow_path_never_imports_the_jax_engine(tmp_path, fashion_dir)
     assert result.returncode == 0 and "no jax engine" in result.stdout, result.stderr[-3000:]
 
 
+JAX_RUN_WITHOUT_TENSORFLOW = r"""
+import sys
+
+class NoTensorFlow:  # as on a GPU image without TensorFlow: `import tensorflow` finds no module
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoTensorFlow())
+from growing_batch import train
+code = train.main(sys.argv[1:])
+assert code == 0, code
+assert "tensorflow" not in sys.modules
+print("trained without tensorflow")
+"""
+
+
+def train_without_tensorflow(folder, arguments):
+    """A JAX run through growing_batch.train.main in a process that cannot import TensorFlow."""
+    uri = f"sqlite:///{folder}/mlflow.db"
+    env = environment(uri)
+    env.pop("KERAS_BACKEND", None)
+    result = subprocess.run([sys.executable, "-c", JAX_RUN_WITHOUT_TENSORFLOW, "--backend", "jax", *arguments],
+                            cwd=folder, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0 and "trained without tensorflow" in result.stdout, result.stderr[-3000:]
+    run = MlflowClient(uri).search_runs(["0"])[0]
+    assert run.info.status == "FINISHED" and run.data.tags["backend"] == "jax"
+    return uri, run
+
+
+def test_the_papers_model_trains_on_jax_without_tensorflow(tmp_path, fashion_dir):
+    """WRN-16-4 with ghost batch norm, augmentation and weight decay; TensorFlow unimportable."""
+    _, run = train_without_tensorflow(tmp_path, [
+        "--model", "wrn-16-4", "--ghost_batch_size", "16", "--weight_decay", "5e-4", "--augment", "true",
+        "--epochs", "1", "--batch_size", "40", "--max_examples", "200", "--data_dir", fashion_dir,
+        "--validation_size", "40"])
+    assert run.data.params["resolved.model"] == "wrn-16-4" and math.isfinite(run.data.metrics["test_loss"])
+
+
 def test_an_adaptive_jax_run_logs_the_noise_scale_every_epoch(tmp_path, fashion_dir):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    values = {"backend": "jax", "schedule": "adaptive", "batch_size": 20, "max_batch_size": 40, "epochs": 2,
-              "data_dir": fashion_dir, "validation_size": 40}
-    run = train(tmp_path, uri, values)
+    """The noise probe on JAX, in a process that cannot import TensorFlow."""
+    uri, run = train_without_tensorflow(tmp_path, ["--schedule", "adaptive", "--batch_size", "20",
+                                                   "--max_batch_size", "40", "--epochs", "2", "--data_dir", fashion_dir,
+                                                   "--validation_size", "40"])
     assert run.data.params["resolved.measure_noise_scale"] == "true"
     history = histories(uri, run.info.run_id)
     client = MlflowClient(uri)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from growing_batch import checkpoint, data, loop, models, schedules
+from growing_batch import checkpoint, data, loop, models, schedules, tf_engine
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_one_accumulated_update_equals_one_full_batch_update():
         keras.utils.set_random_seed(0)
         model = models.wide_resnet((8, 8, 3), 4, depth=10, width=1, ghost_batch_size=16, weight_decay=5e-4, seed=0)
         models.compile_for_training(model, models.build_optimizer("sgd", 0.5, momentum=0.9))
-        step = loop.TrainStep(model, max_device_batch_size=max_device_batch_size)
+        step = tf_engine.TrainStep(model, max_device_batch_size=max_device_batch_size)
         logs = step(tf.constant(images), tf.constant(labels))
         return [w.numpy() for w in model.trainable_variables], {k: float(v) for k, v in logs.items()}, step
 
@@ -236,7 +236,7 @@ def test_accumulated_update_sees_the_same_augmented_images_as_the_whole_batch():
         keras.utils.set_random_seed(0)
         model = models.build("small-cnn", (16, 16, 3), 4, seed=0)
         models.compile_for_training(model, models.build_optimizer("sgd", 0.5))
-        step = loop.TrainStep(model, max_device_batch_size=max_device_batch_size, augment=True,
+        step = tf_engine.TrainStep(model, max_device_batch_size=max_device_batch_size, augment=True,
                               image_dtype=batches.images.dtype)
         step(batches.images, batches.labels, indices, batches.batch_seed(2, 0))
         return [w.numpy() for w in model.trainable_variables]
@@ -255,7 +255,7 @@ def test_evaluation_slices_the_split_held_on_the_device(splits):
     model = make_model(splits)
     evaluation = data.evaluation_batches(splits.test, 30)
     assert [stop - start for start, stop in evaluation.bounds()] == [30, 30, 20]
-    loss, accuracy = loop.Evaluator(model)(evaluation)
+    loss, accuracy = tf_engine.Evaluator(model)(evaluation)
     logits = model.predict(data.scale(splits.test.images), verbose=0)
     expected_loss = keras.losses.sparse_categorical_crossentropy(splits.test.labels, logits, from_logits=True)
     assert loss == pytest.approx(float(np.mean(expected_loss)), rel=1e-5)

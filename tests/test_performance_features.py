@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from growing_batch import bench, data, loop, models, schedules
+from growing_batch import bench, data, loop, models, schedules, tf_engine
 from growing_batch.config import ConfigError, from_args
 
 
@@ -26,7 +26,7 @@ def one_step(images, labels, model_name="small-cnn", **options):
     model = (models.build("small-cnn", (28, 28, 1), 10, seed=0) if model_name == "small-cnn" else
              models.wide_resnet((28, 28, 1), 10, depth=10, width=1, ghost_batch_size=8, weight_decay=5e-4, seed=0))
     models.compile_for_training(model, models.build_optimizer("sgd", 0.1))
-    step = loop.TrainStep(model, **options)
+    step = tf_engine.TrainStep(model, **options)
     logs = step(tf.constant(images), tf.constant(labels))
     return [w.numpy() for w in model.trainable_variables], {k: float(v) for k, v in logs.items()}, step
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from growing_batch import checkpoint, config as config_module, data, loop, models, schedules, tracking, train
+from growing_batch import checkpoint, config as config_module, data, models, schedules, tf_engine, tracking, train
 from growing_batch.metrics import EPOCH_METRICS
 from processes import (checkpointed_epoch, environment, histories, kill_tree, mlflow_run_command, train_command,
                        wait_for_checkpoint)
@@ -57,7 +57,7 @@ def test_a_checkpoint_restores_weights_and_optimizer_state(tmp_path):
     rng = np.random.default_rng(0)
     split = data.Split(rng.integers(0, 256, (64, 16, 16, 1)).astype(np.uint8), rng.integers(0, 4, 64).astype(np.int32))
     trained = small_model()
-    step = loop.TrainStep(trained)
+    step = tf_engine.TrainStep(trained)
     batches = data.EpochBatches(split, seed=0)
     for _ in range(3):
         step(batches.images, batches.labels)
@@ -75,7 +75,7 @@ def test_a_checkpoint_restores_weights_and_optimizer_state(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert int(fresh.optimizer.iterations.numpy()) == 3
     # one more identical step on both gives identical weights: the momentum buffers came back too
-    loop.TrainStep(fresh)(batches.images, batches.labels)
+    tf_engine.TrainStep(fresh)(batches.images, batches.labels)
     step(batches.images, batches.labels)
     for a, b in zip(trained.trainable_variables, fresh.trainable_variables):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)

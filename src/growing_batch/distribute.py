@@ -13,7 +13,7 @@ logs to MLflow (:func:`is_chief`).
 
 The schedule's batch size is the global batch: each step's batch is gathered once and split as
 evenly as possible over all replicas (sizes differ by at most one example, or one ghost batch with
-ghost batch norm: see :meth:`growing_batch.loop.TrainStep._replica_share`); each replica's loss is
+ghost batch norm: see :meth:`growing_batch.tf_engine.TrainStep._replica_share`); each replica's loss is
 its examples' summed loss over the *global* batch size, and the optimizer sums the replicas'
 gradients, so an update is the mean gradient over the whole batch, as on one device.
 
@@ -100,16 +100,18 @@ def make_strategy(devices: str, backend: str = "tensorflow"):
     With ``backend`` jax: None for one device, else a ``keras.distribution.DataParallel`` over the
     first N local JAX devices, set as Keras' distribution for the process (:func:`jax_distribution`).
     """
-    tf = import_tensorflow()
     if backend == "jax":
         if cluster() is not None:
             raise ConfigError("backend='jax' is not allowed with TF_CONFIG: expected tensorflow for a cluster of "
                               "several workers (multi-host JAX is not supported yet).")
-        try:  # imported by the loop all the same: keep it off the GPUs JAX uses
-            tf.config.set_visible_devices([], "GPU")
-        except RuntimeError:  # TensorFlow's runtime already started in this process
-            pass
+        if tensorflow_installed():
+            # Keras' JAX backend may still import an installed TensorFlow (its data adapters): keep it off the GPUs
+            try:
+                import_tensorflow().config.set_visible_devices([], "GPU")
+            except RuntimeError:  # TensorFlow's runtime already started in this process
+                pass
         return jax_distribution(devices)
+    tf = import_tensorflow()
 
     requested = parse_devices(devices)
     if cluster() is not None:
@@ -141,6 +143,15 @@ def make_strategy(devices: str, backend: str = "tensorflow"):
                 "starts (a new process, e.g. python -m growing_batch.train --devices N)."
             ) from None
     return tf.distribute.MirroredStrategy([f"/cpu:{index}" for index in range(count)])
+
+
+def tensorflow_installed() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def jax_distribution(devices: str):

@@ -1,6 +1,6 @@
 """The JAX engine behind :class:`growing_batch.loop.Trainer` (``backend=jax``; see docs/jax.md).
 
-The same objective as the TensorFlow :class:`growing_batch.loop.TrainStep`: Σᵢ wᵢ·ℓ(xᵢ, yᵢ) / B plus
+The same objective as the TensorFlow :class:`growing_batch.tf_engine.TrainStep`: Σᵢ wᵢ·ℓ(xᵢ, yᵢ) / B plus
 the weight penalty (``model.losses``) weighted by the call's share of the batch, with ℓ the loss the
 model was compiled with, per example. The step is one jitted, stateless function, as Keras' own JAX
 trainer builds it: ``model.stateless_call`` for the forward pass, ``jax.value_and_grad`` for the
@@ -27,7 +27,6 @@ Imported only when Keras runs on JAX; the TensorFlow path never imports this mod
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +35,7 @@ import numpy as np
 
 from growing_batch import models
 from growing_batch.data import AUGMENT_PADDING
-from growing_batch.loop import bucket_size  # loop imports this module only when it trains on JAX
+from growing_batch.loop import bucket_size, loss_and_hits  # loop imports this module only on JAX
 
 
 def to_unit_range(images):
@@ -67,13 +66,6 @@ def batch_key(seed):
     seed = np.asarray(seed, np.int64)
     words = np.array([seed[0] & 0xFFFFFFFF, seed[1] >> 32, seed[1] & 0xFFFFFFFF], np.uint32)
     return words
-
-
-def per_example_loss_and_hits(loss: keras.losses.Loss, labels, logits):
-    """Per-example losses (float32) by the model's compiled loss, and hits (1.0 where the arg-max is the label)."""
-    losses = jnp.asarray(loss.call(labels, logits), jnp.float32)
-    hits = (jnp.argmax(logits, -1).astype(jnp.int32) == labels).astype(jnp.float32)
-    return losses, hits
 
 
 class Totals:
@@ -169,7 +161,7 @@ class TrainStep:
         with models.example_weights(weights):  # padding takes no part in batch statistics
             logits, non_trainable, _ = model.stateless_call(trainable, non_trainable, images, training=True,
                                                             return_losses=True)
-        losses, hits = per_example_loss_and_hits(model.loss, labels, logits)
+        losses, hits = loss_and_hits(model.loss, labels, logits)
         objective = jnp.sum(weights * losses) / total
         mapping = list(zip(model.trainable_variables, trainable)) + list(zip(model.non_trainable_variables,
                                                                              non_trainable))
@@ -234,7 +226,7 @@ class Evaluator:
         positions = jnp.minimum(positions, labels.shape[0] - 1)
         logits, _ = self.model.stateless_call(trainable, non_trainable,
                                               to_unit_range(jnp.take(images, positions, axis=0)), training=False)
-        losses, hits = per_example_loss_and_hits(self.model.loss, jnp.take(labels, positions, axis=0), logits)
+        losses, hits = loss_and_hits(self.model.loss, jnp.take(labels, positions, axis=0), logits)
         return jnp.stack([jnp.sum(weights * losses), jnp.sum(weights * hits)])
 
     def __call__(self, batches) -> tuple[float, float]:
@@ -314,8 +306,7 @@ def noise_scale_meter(model, batches):
 
     class NoiseScaleMeter(noise.NoiseScaleMeter):
         def __init__(self):
-            super().__init__(model, batches)
-            self.probe = GradientNoiseProbe(model, model.loss.call, self.small_batch_size)
+            super().__init__(model, batches, probe_type=GradientNoiseProbe)
             self.gather = jax.jit(self._gather)
 
         def _gather(self, images, labels, indices, key_words):

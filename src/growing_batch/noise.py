@@ -157,9 +157,10 @@ class GradientNoiseProbe:
 
 class NoiseScaleMeter:
     """Measures the gradient noise scale once per epoch on random training examples (the sizes above,
-    with the model's own compiled loss) and reports it with its cost."""
+    with the model's own compiled loss) and reports it with its cost. ``probe_type``: the engine's
+    probe (this module's TensorFlow one by default; the JAX engine passes its own)."""
 
-    def __init__(self, model, batches):
+    def __init__(self, model, batches, probe_type=None):
         self.batches = batches
         examples = min(PROBE_EXAMPLES, batches.size)
         # With ghost batch norm, micro-batches of the ghost size: the batch statistics of training.
@@ -167,7 +168,7 @@ class NoiseScaleMeter:
         small = max(ghost_sizes) if ghost_sizes else PROBE_SMALL_BATCH_SIZE
         self.small_batch_size = min(small, max(1, examples // 2))
         self.examples = examples // self.small_batch_size * self.small_batch_size
-        self.probe = GradientNoiseProbe(model, model.loss.call, self.small_batch_size)
+        self.probe = (probe_type or GradientNoiseProbe)(model, model.loss.call, self.small_batch_size)
         self.estimator = NoiseScaleEstimator()
 
     def measure(self, epoch: int) -> dict[str, float]:

@@ -686,7 +686,6 @@ def log_model(model, sample_images: np.ndarray, epoch: int, registered_model_nam
     last ``epoch`` linked to it (so the Models view can rank models by test accuracy), and registered
     under ``registered_model_name`` when given. Returns the logged model's id."""
     import keras
-    import tensorflow as tf
     from mlflow.models import infer_signature
 
     from mlflow.models import Model
@@ -703,13 +702,19 @@ def log_model(model, sample_images: np.ndarray, epoch: int, registered_model_nam
         input_example=sample,
         metadata={"input": MODEL_INPUT, "output": MODEL_OUTPUT},
         registered_model_name=registered_model_name or None,
-        pip_requirements=[
-            f"keras=={keras.__version__}",
-            f"tensorflow=={tf.__version__}",
-            f"mlflow=={mlflow.__version__}",
-        ],
+        pip_requirements=[f"keras=={keras.__version__}", *_backend_requirements(), f"mlflow=={mlflow.__version__}"],
     )
     return info.model_id
+
+
+def _backend_requirements() -> list[str]:
+    """The logged model's backend pins: the TensorFlow or the JAX release this process trained with."""
+    import importlib.metadata
+
+    import keras
+
+    names = ("jax", "jaxlib") if keras.backend.backend() == "jax" else ("tensorflow",)
+    return [f"{name}=={importlib.metadata.version(name)}" for name in names]
 
 
 def _keras_flavour():
