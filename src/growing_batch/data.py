@@ -455,11 +455,27 @@ def augment(images, seed, padding: int = AUGMENT_PADDING, offset=0, total=None):
 
     top = draw(seeds[0], 0, 2 * padding + 1, dtype=tf.int32)
     left = draw(seeds[1], 0, 2 * padding + 1, dtype=tf.int32)
-    rows = top[:, None] + tf.range(height)[None, :]
-    columns = left[:, None] + tf.range(width)[None, :]
-    cropped = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), columns, axis=2, batch_dims=1)
-    flip = draw(seeds[2]) < 0.5
-    return tf.where(flip[:, None, None, None], tf.reverse(cropped, axis=[2]), cropped)
+    return crop_and_flip(images, top, left, draw(seeds[2]) < 0.5, padding)
+
+
+def crop_and_flip(images, top, left, flip, padding: int = AUGMENT_PADDING):
+    """Each image's crop at (``top``, ``left``) of it reflect-padded by ``padding`` pixels, mirrored
+    where ``flip``: the augmentation's transform in ``keras.ops``, shared by both engines (each draws
+    ``top``, ``left`` and ``flip`` with its own stateless random numbers)."""
+    import keras
+
+    ops = keras.ops
+    height, width, channels = images.shape[1], images.shape[2], images.shape[3]
+    padded = ops.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]], mode="reflect")
+    padded_height, padded_width = height + 2 * padding, width + 2 * padding
+    count = ops.shape(images)[0]
+    rows = ops.cast(top, "int32")[:, None] + ops.arange(height, dtype="int32")[None, :]  # (count, height)
+    columns = ops.cast(left, "int32")[:, None] + ops.arange(width, dtype="int32")[None, :]  # (count, width)
+    image = ops.arange(count, dtype="int32")[:, None, None] * (padded_height * padded_width)
+    flat = image + rows[:, :, None] * padded_width + columns[:, None, :]  # (count, height, width)
+    pixels = ops.take(ops.reshape(padded, (-1, channels)), ops.reshape(flat, (-1,)), axis=0)
+    cropped = ops.reshape(pixels, (-1, height, width, channels))
+    return ops.where(ops.reshape(flip, (-1, 1, 1, 1)), ops.flip(cropped, axis=2), cropped)
 
 
 # Evaluation batch size: large for speed (the evaluated loss and accuracy do not depend on it).

@@ -34,7 +34,7 @@ import keras
 import numpy as np
 
 from growing_batch import models
-from growing_batch.data import AUGMENT_PADDING
+from growing_batch.data import AUGMENT_PADDING, crop_and_flip
 from growing_batch.loop import bucket_size, loss_and_hits  # loop imports this module only on JAX
 
 
@@ -46,19 +46,13 @@ def to_unit_range(images):
 
 
 def augment(images, key, padding: int = AUGMENT_PADDING):
-    """Random crops of the ``padding``-pixel reflect-padded images and horizontal flips, drawn from ``key``."""
-    count, height, width, channels = images.shape
-    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)), mode="reflect")
+    """Random crops of the ``padding``-pixel reflect-padded images and horizontal flips, drawn from
+    ``key`` (the transform is :func:`growing_batch.data.crop_and_flip`, the TensorFlow engine's too)."""
+    count = images.shape[0]
     top_key, left_key, flip_key = jax.random.split(key, 3)
     top = jax.random.randint(top_key, (count,), 0, 2 * padding + 1)
     left = jax.random.randint(left_key, (count,), 0, 2 * padding + 1)
-
-    def crop(image, row, column):
-        return jax.lax.dynamic_slice(image, (row, column, 0), (height, width, channels))
-
-    cropped = jax.vmap(crop)(padded, top, left)
-    flip = jax.random.uniform(flip_key, (count,)) < 0.5
-    return jnp.where(flip[:, None, None, None], cropped[:, :, ::-1, :], cropped)
+    return crop_and_flip(images, top, left, jax.random.uniform(flip_key, (count,)) < 0.5, padding)
 
 
 def batch_key(seed):
