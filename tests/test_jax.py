@@ -19,8 +19,8 @@ EPOCHS = 3
 
 
 def parameters(fashion_dir, backend, **extra):
-    """Batch growth from 16 by 2 per epoch: B = 16, 32, 64; padded to the buckets 16, 32 and 64 on JAX."""
-    return {"backend": backend, "schedule": "batch-growth", "batch_size": 16, "batch_growth": 2, "max_batch_size": 64,
+    """Batch growth from 64 by 2 per epoch (the issue's check): B = 64, 128, 256, the buckets themselves on JAX."""
+    return {"backend": backend, "schedule": "batch-growth", "batch_size": 64, "batch_growth": 2, "max_batch_size": 256,
             "learning_rate": 0.3, "epochs": EPOCHS, "data_dir": fashion_dir,
             "validation_size": 40, **extra}
 
@@ -61,8 +61,8 @@ def test_a_jax_batch_growth_run_logs_every_metric_the_tensorflow_run_logs(store)
     jax_history = histories(uri, jax_run.info.run_id)
     for key in EPOCH_METRICS:
         assert [step for step, _ in jax_history[key]] == [1, 2, 3], key
-    assert [value for _, value in jax_history["batch_size"]] == [16, 32, 64]
-    assert jax_run.data.metrics["xla_compilations"] == 3  # the buckets 16, 32 and 64
+    assert [value for _, value in jax_history["batch_size"]] == [64, 128, 256]
+    assert jax_run.data.metrics["xla_compilations"] == 3  # the buckets 64, 128 and 256
     assert jax_run.data.metrics["train_step_traces"] <= 8  # one trace per compiled shape
     accuracy = {name: run.data.metrics["test_accuracy"] for name, run in runs.items()}
     assert accuracy["jax"] > 0.5, accuracy  # chance is 0.1
