@@ -38,6 +38,28 @@ from growing_batch.data import AUGMENT_PADDING, crop_and_flip
 from growing_batch.loop import bucket_size, loss_and_hits  # loop imports this module only on JAX
 
 
+# On a CPU, XLA's convolutions cost more per example as the batch grows (the activations leave the
+# caches): the small CNN's train step took 110-125 µs per example at B = 32-128 but 300 µs at 1,024 on a
+# 2-core AMD EPYC, and its evaluation 0.10 s for 2,048 images in calls of 128-512 against 0.20 s in one
+# call (docs/performance.md, "The bench on JAX"). So on a CPU a batch of CPU_MICRO_BATCH_SIZE or more
+# examples runs as micro-batches of that size, one jitted call each, adding its gradient to the sum;
+# the last one applies the update: the same update, since the objective is a sum over the examples
+# divided by B. Python calls, not a lax.scan: on the CPU, XLA ran the convolutions inside a loop 3-7
+# times slower. Not with batch norm (micro-batches would change its statistics), augmentation (its
+# draws are made per batch) or several devices; never on a GPU.
+CPU_MICRO_BATCH_SIZE = 64
+CPU_EVALUATION_CHUNK = 256
+
+
+def on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def has_batch_norm(model) -> bool:
+    return any(isinstance(layer, (models.GhostBatchNormalization, keras.layers.BatchNormalization))
+               for layer in model.layers)
+
+
 def to_unit_range(images):
     """A batch of the device split as float32 in [0, 1] (uint8 splits are scaled here)."""
     if images.dtype == jnp.uint8:
@@ -104,7 +126,8 @@ class TrainStep:
     """The jitted train step on JAX, with the interface the loop uses of the TensorFlow one.
 
     :attr:`traces` counts the traces of the jitted function (one per compiled shape),
-    :attr:`compiled_shapes` the padded batch sizes.
+    :attr:`compiled_shapes` the padded batch sizes. On a CPU, batches of :data:`CPU_MICRO_BATCH_SIZE`
+    or more may run as micro-batches of that size (see there): then that one shape serves every such B.
     """
 
     def __init__(self, model: keras.Model, *, augment: bool = False):
@@ -119,6 +142,10 @@ class TrainStep:
         if not optimizer.built:
             optimizer.build(model.trainable_variables)
         self.function = jax.jit(self._step)
+        self.gradients = None  # the micro-batches' gradient sum of the update under way
+        micro = on_cpu() and not augment and not has_batch_norm(model) and self.replicas == 1
+        self.micro_batch_size = CPU_MICRO_BATCH_SIZE if micro else 0
+        self.micro_function = jax.jit(self._micro_step, donate_argnums=(1,))
 
     # --- the state --------------------------------------------------------------------------------
 
@@ -131,6 +158,7 @@ class TrainStep:
         """A new epoch: zero the sums, take the variables' values (the schedule has just set the learning rate)."""
         self.totals = Totals()
         self.state = self._read_variables()
+        self.gradients = None
 
     def write_back(self) -> None:
         """Write the state into the Keras variables (before evaluation, checkpoints and the logged model)."""
@@ -183,6 +211,42 @@ class TrainStep:
         trainable, optimizer_values = self.model.optimizer.stateless_apply(optimizer_values, gradients, trainable)
         return (trainable, non_trainable, optimizer_values), sums
 
+    def _micro_step(self, state, gradients, images, labels, indices, weights, total, apply_update):
+        """One micro-batch: its gradient added to ``gradients``; with ``apply_update`` (the batch's last)
+        the update applied with their sum, and the sum set back to zero."""
+        self.traces += 1
+        trainable, non_trainable, optimizer_values = state
+        batch_images = to_unit_range(jnp.take(images, indices, axis=0))
+        batch_labels = jnp.take(labels, indices, axis=0)
+        gradient_function = jax.value_and_grad(self._objective, has_aux=True)
+        (_, (non_trainable, sums)), part = gradient_function(trainable, non_trainable, batch_images, batch_labels,
+                                                             weights, total)
+        gradients = jax.tree.map(jnp.add, gradients, part)
+
+        def apply(operands):
+            trainable, optimizer_values, gradients = operands
+            trainable, optimizer_values = self.model.optimizer.stateless_apply(optimizer_values, gradients, trainable)
+            return trainable, optimizer_values, jax.tree.map(jnp.zeros_like, gradients)
+
+        trainable, optimizer_values, gradients = jax.lax.cond(apply_update, apply, lambda operands: operands,
+                                                              (trainable, optimizer_values, gradients))
+        return (trainable, non_trainable, optimizer_values), gradients, sums
+
+    def _micro_batches(self, images, labels, indices, size: int) -> None:
+        micro = self.micro_batch_size
+        padded = -(-size // micro) * micro
+        self.compiled_shapes.add(micro)
+        indices = np.concatenate([indices, np.zeros(padded - size, np.int32)])
+        weights = np.concatenate([np.ones(size, np.float32), np.zeros(padded - size, np.float32)])
+        if self.gradients is None:
+            self.gradients = jax.tree.map(jnp.zeros_like, self.state[0])
+        for start in range(0, padded, micro):
+            stop = start + micro
+            self.state, self.gradients, sums = self.micro_function(
+                self.state, self.gradients, images, labels, indices[start:stop], weights[start:stop],
+                np.float32(size), np.bool_(stop >= padded))
+            self.totals.add(sums)
+
     def __call__(self, images, labels, indices=None, seed=(0, 0)):
         """One update on ``images[indices]`` (default: all of ``images``); returns the epoch's running logs."""
         if self.state is None:
@@ -191,6 +255,10 @@ class TrainStep:
             indices = np.arange(int(images.shape[0]), dtype=np.int32)
         indices = np.asarray(indices, np.int32)
         size = len(indices)
+        if self.micro_batch_size and size >= self.micro_batch_size:
+            self._micro_batches(images, labels, indices, size)
+            running = self.totals.running
+            return {"train_loss": running[0] / running[2], "train_accuracy": running[1] / running[2]}
         padded = padded_size(size)
         self.compiled_shapes.add(padded)
         # Padding repeats example 0 with weight 0.
@@ -227,10 +295,11 @@ class Evaluator:
         trainable = [v.value for v in self.model.trainable_variables]
         non_trainable = [v.value for v in self.model.non_trainable_variables]
         count = replicas()
-        size = -(-min(batches.batch_size, len(batches)) // count) * count
+        chunk = CPU_EVALUATION_CHUNK if on_cpu() else len(batches)  # see CPU_MICRO_BATCH_SIZE
+        size = -(-min(batches.batch_size, len(batches), chunk) // count) * count
         parts = [self.function(trainable, non_trainable, batches.images, batches.labels,
                                shard_batch(np.arange(start, start + size, dtype=np.int32)))
-                 for start, _ in batches.bounds()]
+                 for start in range(0, len(batches), size)]
         loss_sum, correct = np.asarray(jax.device_get(jnp.stack(parts)), np.float64).sum(0)
         return float(loss_sum) / len(batches), float(correct) / len(batches)
 
@@ -248,37 +317,34 @@ class GradientNoiseProbe:
     """Squared gradient norms at two batch sizes on JAX (see :class:`growing_batch.noise.GradientNoiseProbe`).
 
     The batch is cut into micro-batches of ``small_batch_size``; each one's gradient of the mean loss
-    plus the weight penalty (training mode) is computed in one jitted function (``jax.lax.map`` over
-    the micro-batches): the mean of their squared norms is |G_small|², the squared norm of their mean
-    |G_big|². Stateless: no weight, and no non-trainable variable, changes.
+    plus the weight penalty (training mode) is computed by one jitted call, which adds it and its
+    squared norm to running sums on the device: the mean of the squared norms is |G_small|², the
+    squared norm of the mean gradient |G_big|². (Python calls, not a ``jax.lax.map``: on a CPU, XLA
+    ran the loop's convolutions 6-7 times slower.) Stateless: no weight, and no non-trainable
+    variable, changes.
     """
 
     def __init__(self, model, loss, small_batch_size: int):
         self.model = model
         self.loss = loss
         self.small_batch_size = int(small_batch_size)
-        self.function = jax.jit(self._measure)
+        self.function = jax.jit(self._add_part, donate_argnums=(4, 5))
 
-    def _measure(self, trainable, non_trainable, inputs, targets):
+    def _add_part(self, trainable, non_trainable, inputs, targets, gradient_sum, squared_norm_sum, start):
         model, small = self.model, self.small_batch_size
-        count = targets.shape[0] // small
-        inputs = inputs[:count * small].reshape(count, small, *inputs.shape[1:])
-        targets = targets[:count * small].reshape(count, small, *targets.shape[1:])
+        part_inputs = jax.lax.dynamic_slice_in_dim(inputs, start, small)
+        part_targets = jax.lax.dynamic_slice_in_dim(targets, start, small)
 
-        def objective(values, part_inputs, part_targets):
+        def objective(values):
             outputs, _ = model.stateless_call(values, non_trainable, part_inputs, training=True)
             mean_loss = jnp.mean(jnp.asarray(self.loss(part_targets, outputs), jnp.float32))
             with keras.StatelessScope(state_mapping=list(zip(model.trainable_variables, values))):
                 penalties = model.losses
             return mean_loss + (jnp.asarray(sum(penalties), jnp.float32) if penalties else 0.0)
 
-        def gradient(part):
-            return [jnp.asarray(g, jnp.float32) for g in jax.grad(objective)(trainable, *part)]
-
-        gradients = jax.lax.map(gradient, (inputs, targets))  # each: (count, *variable shape)
-        squared_norms = sum(jnp.sum(jnp.square(g)) for g in gradients) / count
-        big = sum(jnp.sum(jnp.square(jnp.sum(g, 0))) for g in gradients) / count**2
-        return jnp.stack([squared_norms, big])
+        gradients = [jnp.asarray(g, jnp.float32) for g in jax.grad(objective)(trainable)]
+        squared_norm = sum(jnp.sum(jnp.square(g)) for g in gradients)
+        return [a + g for a, g in zip(gradient_sum, gradients)], squared_norm_sum + squared_norm
 
     def __call__(self, inputs, targets) -> tuple[float, float, int, int]:
         """(|G_small|², |G_big|², B_small, B_big) from the whole micro-batches of this batch."""
@@ -288,8 +354,13 @@ class GradientNoiseProbe:
                              f"{int(targets.shape[0])} examples.")
         trainable = [v.value for v in self.model.trainable_variables]
         non_trainable = [v.value for v in self.model.non_trainable_variables]
-        small, big = (float(value) for value in np.asarray(self.function(trainable, non_trainable, inputs, targets),
-                                                            np.float64))
+        gradient_sum = [jnp.zeros(v.shape, jnp.float32) for v in self.model.trainable_variables]
+        squared_norm_sum = jnp.zeros((), jnp.float32)
+        for part in range(count):
+            gradient_sum, squared_norm_sum = self.function(trainable, non_trainable, inputs, targets, gradient_sum,
+                                                           squared_norm_sum, np.int32(part * self.small_batch_size))
+        big = sum(jnp.sum(jnp.square(g)) for g in gradient_sum) / count**2
+        small, big = (float(value) for value in np.asarray(jnp.stack([squared_norm_sum / count, big]), np.float64))
         return small, big, self.small_batch_size, count * self.small_batch_size
 
 
