@@ -38,7 +38,7 @@ repro-fashion-mnist: data
 	mlflow run . --env-manager local --experiment-name $(REPRO_EXPERIMENT) -e sweep \
 	  -P experiment=repro -P seeds=$(SEEDS) -P dataset=fashion_mnist
 
-# The loop against plain Keras fit (README, "Performance"); QUICK=true for under two minutes.
+# The loop against plain Keras fit (docs/performance.md); QUICK=true for smaller sizes (minutes).
 QUICK ?= false
 bench: setup
 	mlflow run . --env-manager local --experiment-name bench -e bench -P output=$(CURDIR)/bench.json -P quick=$(QUICK)

@@ -36,8 +36,8 @@ and prints:
    or synthetic images of its shape where it cannot be read) — wall-clock seconds per schedule and the seconds each took to reach
    the LR-decay run's final test accuracy.
 
-``quick`` shrinks every part to finish in under two minutes on a 2-core CPU (TensorFlow; on JAX,
-whose XLA compilations take seconds each, a few minutes). For tests, the environment variable
+``quick`` shrinks every part: a few minutes on a 2-core CPU (3-5 on TensorFlow, about 4-6 on JAX,
+whose XLA compilations take seconds each). For tests, the environment variable
 ``GROWING_BATCH_BENCH_SETTINGS`` (a JSON object) overrides fields of the chosen settings (``QUICK`` or
 ``FULL``), e.g. ``{"train": 256, "batch_sizes": [32, 64]}``.
 """
@@ -583,7 +583,7 @@ def make_parser() -> OneLineParser:
     """The command line: one flag per parameter of MLproject's ``bench`` entry point."""
     parser = OneLineParser(prog="python -m growing_batch.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="bench.json", help="where to write the JSON results")
-    parser.add_argument("--quick", default="false", help="true: under two minutes on a 2-core CPU")
+    parser.add_argument("--quick", default="false", help="true: smaller sizes (minutes on a 2-core CPU)")
     parser.add_argument("--backend", default="",
                         help="the Keras backend of both trainers: tensorflow or jax; empty: KERAS_BACKEND if set, "
                              "else tensorflow")
