@@ -22,6 +22,12 @@ def test_mlflow_run_bench_quick_writes_its_json_and_meets_its_targets(tmp_path):
                "-P", "quick=true", "-P", f"output={output}"]
     env = environment(uri)
     env.pop("KERAS_BACKEND", None)  # not given: tensorflow
+    project_store = os.path.join(PROJECT_DIR, "mlflow.db")  # may hold the user's runs (make main)
+
+    def stamp():
+        return os.stat(project_store).st_mtime_ns if os.path.exists(project_store) else None
+
+    before = stamp()
     process = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert process.returncode == 0, process.stderr[-3000:]
     assert "warning" not in process.stderr, process.stderr[-3000:]
@@ -34,7 +40,7 @@ def test_mlflow_run_bench_quick_writes_its_json_and_meets_its_targets(tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["backend"] == "''"  # not given: MLflow logs the empty default as ''
     assert [artifact.path for artifact in MlflowClient(uri).list_artifacts(run.info.run_id)] == ["bench.json"]
-    assert not os.path.exists(os.path.join(PROJECT_DIR, "mlflow.db"))  # the bench's own store was temporary
+    assert stamp() == before  # the bench's own store was temporary: the project's store is untouched
 
 
 # Every part of the bench at toy sizes (about 40 s on JAX on a 2-core CPU, most of it XLA compiling):

@@ -63,3 +63,18 @@ def test_the_batch_sizes_of_a_schedule_in_order_with_their_epochs():
     assert [(size, epochs) for size, epochs, _ in gpu_check.batch_sizes_of(decay, 200)] == [(128, 200)]
     hybrid = schedules.build_schedule(config.from_args(["--preset", "paper-hybrid"]), 50_000)
     assert [(size, epochs) for size, epochs, _ in gpu_check.batch_sizes_of(hybrid, 200)] == [(128, 60), (640, 140)]
+
+
+def test_the_gpu_check_reports_the_jax_bench(tmp_path, monkeypatch):
+    """The bench part: a tiny JAX bench in a process of its own, its ratios and compilations as one line."""
+    from test_bench_entry import TINY
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GROWING_BATCH_BENCH_SETTINGS", json.dumps(TINY))
+    lines = []
+    gpu_check.bench_lines(quick=True, emit=lines.append)
+    assert len(lines) == 1 and lines[0]["check"] == "bench" and "error" not in lines[0], lines
+    line = lines[0]
+    assert line["backend"] == "jax" and set(line["fit_ratio"]) == {str(size) for size in TINY["batch_sizes"]}
+    assert all(ratio > 0 for ratio in line["fit_ratio"].values())
+    assert line["train_step_traces"] == line["xla_compilations"] <= line["xla_compilation_bound"]

@@ -204,9 +204,10 @@ def bench_lines(quick: bool, emit) -> None:
             return
         with open(output) as handle:
             results = json.load(handle)
-    emit({"check": "bench", **{key: results[key] for key in results
-                               if key in ("backend", "fit_ratio", "xla_compilations", "train_step_traces", "device",
-                                          "examples_per_second", "targets")}})
+    kept = ("backend", "devices", "fit_ratio", "loop_examples_per_second", "fit_examples_per_second",
+            "loop_xla_compilations", "xla_compilations", "xla_compilation_bound", "train_step_traces", "targets",
+            "bench_seconds")
+    emit({"check": "bench", **{key: results[key] for key in kept if key in results}})
 
 
 def parse(argv=None) -> dict:
