@@ -138,12 +138,17 @@ def matmul_peak(size: int, dtype: str, repetitions: int = 5) -> float:
         return tf.cast(tf.linalg.matmul(x, y)[0, 0], tf.float32)
 
     product(a, b)  # warm up
+    return 2 * size**3 / _shortest_seconds(lambda: product(a, b).numpy(), repetitions)
+
+
+def _shortest_seconds(run, repetitions: int) -> float:
+    """The shortest of ``repetitions`` timed calls of ``run`` (which waits for its result)."""
     best = float("inf")
     for _ in range(repetitions):
         started = time.perf_counter()
-        product(a, b).numpy()
+        run()
         best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best
+    return best
 
 
 def _matmul_peak_jax(size: int, dtype: str, repetitions: int) -> float:
@@ -156,12 +161,7 @@ def _matmul_peak_jax(size: int, dtype: str, repetitions: int) -> float:
     # The whole product is returned (a slice of it could let XLA compute only that slice).
     product = jax.jit(jnp.matmul)
     product(a, b).block_until_ready()  # compile and warm up
-    best = float("inf")
-    for _ in range(repetitions):
-        started = time.perf_counter()
-        product(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best
+    return 2 * size**3 / _shortest_seconds(lambda: product(a, b).block_until_ready(), repetitions)
 
 
 def synthetic_splits(train: int, test: int, shape=(32, 32, 3), seed: int = 0):
