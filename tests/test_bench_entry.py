@@ -50,11 +50,31 @@ TINY = {"train": 256, "test": 64, "repetitions": 2, "batch_sizes": [32, 64], "gr
         "variant_batch_size": 64, "comparison_data": "synthetic"}
 
 
+# The bench's command line in a process that cannot import TensorFlow (as on a GPU image with JAX alone).
+BENCH_WITHOUT_TENSORFLOW = r"""
+import sys
+
+class NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoTensorFlow())
+from growing_batch import bench
+code = bench.main(sys.argv[1:])
+assert "tensorflow" not in sys.modules, "the JAX bench imported TensorFlow"
+sys.exit(code)
+"""
+
+
 def tiny_bench(folder, backend):
+    """The toy bench on ``backend``; on JAX, without TensorFlow importable."""
     output = folder / f"bench-{backend}.json"
     env = environment(f"sqlite:///{folder}/mlflow.db", GROWING_BATCH_BENCH_SETTINGS=json.dumps(TINY))
     env.pop("KERAS_BACKEND", None)  # the flag alone chooses the backend
-    process = subprocess.run([sys.executable, "-m", "growing_batch.bench", "--backend", backend, "--quick", "true",
+    program = ["-c", BENCH_WITHOUT_TENSORFLOW] if backend == "jax" else ["-m", "growing_batch.bench"]
+    process = subprocess.run([sys.executable, *program, "--backend", backend, "--quick", "true",
                               "--output", str(output)], cwd=folder, env=env, capture_output=True, text=True,
                              timeout=300)
     assert process.returncode == 0, process.stderr[-3000:]

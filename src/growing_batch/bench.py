@@ -56,6 +56,7 @@ import numpy as np
 
 from growing_batch import config as config_module
 from growing_batch.config import OneLineParser
+from growing_batch.data import on_jax
 from growing_batch.errors import exit_with_error
 
 FULL = dict(train=45_000, test=10_000, repetitions=5, batch_sizes=(128, 1024, 4096, 45_000), growth_epochs=32,
@@ -115,13 +116,6 @@ def forward_flops(model) -> int:
         elif isinstance(layer, keras.layers.Dense):
             total += 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
     return int(total)
-
-
-def on_jax() -> bool:
-    """Whether Keras runs on JAX in this process (the bench's ``backend``)."""
-    import keras
-
-    return keras.backend.backend() == "jax"
 
 
 def matmul_peak(size: int, dtype: str, repetitions: int = 5) -> float:
@@ -443,24 +437,26 @@ def run(quick: bool, settings: dict | None = None) -> dict:
 
     from growing_batch import distribute
 
-    tf = distribute.import_tensorflow()  # imported by the loop on either backend; first, with its start-up muted
     import keras
 
     backend = keras.backend.backend()
-    if backend == "jax":
+    if backend == "jax":  # no TensorFlow: a JAX process needs none (GPU images may not have it)
         import jax
 
-        distribute.make_strategy("auto", "jax")  # as a JAX run: TensorFlow keeps off the GPUs JAX uses
+        distribute.make_strategy("auto", "jax")  # as a JAX run: an installed TensorFlow keeps off the GPUs
         devices = [device.platform.upper() for device in jax.devices()]
     else:
+        tf = distribute.import_tensorflow()  # with its start-up logging muted
         devices = [d.device_type for d in tf.config.list_physical_devices()]
-    try:
-        jax_version = importlib.metadata.version("jax")
-    except importlib.metadata.PackageNotFoundError:
-        jax_version = None
+
+    def version(package):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
     settings = dict(settings or (QUICK if quick else FULL))
     results: dict = {"quick": quick, "backend": backend, "settings": settings, "keras": keras.__version__,
-                     "tensorflow": tf.__version__, "jax": jax_version, "devices": devices}
+                     "tensorflow": version("tensorflow"), "jax": version("jax"), "devices": devices}
     results["peak_flops"] = {dtype: matmul_peak(settings["matmul"], dtype) for dtype in ("float32", "bfloat16")}
     splits = synthetic_splits(settings["train"], settings["test"])
     flops_per_example = 3 * forward_flops(_model(splits))  # forward + backward ≈ 3 × forward

@@ -91,25 +91,24 @@ def peak_memory_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-class EpochClock:
-    """Wall seconds of each epoch (on_epoch_begin to on_epoch_end: training and evaluation) and its logs."""
+def epoch_clock():
+    """A Keras callback recording each epoch's wall seconds (on_epoch_begin to on_epoch_end: training and
+    evaluation) in ``seconds`` and its logs in ``logs`` (defined here: Keras is imported after the backend is set)."""
+    import keras
 
-    def __new__(cls):
-        import keras
+    class EpochClock(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds, self.logs = [], []
 
-        class Clock(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.seconds, self.logs = [], []
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
 
-            def on_epoch_begin(self, epoch, logs=None):
-                self.started = time.perf_counter()
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self.started)
+            self.logs.append(dict(logs or {}))
 
-            def on_epoch_end(self, epoch, logs=None):
-                self.seconds.append(time.perf_counter() - self.started)
-                self.logs.append(dict(logs or {}))
-
-        return Clock()
+    return EpochClock()
 
 
 def build_model(config, splits, metrics=()):
@@ -155,10 +154,10 @@ def measure_preset(preset: str, precision: str, splits, epochs_per_batch_size: i
         current["step"] = schedules.constant(1, learning_rate=step.learning_rate, batch_size=measured,
                                              momentum=step.momentum)
         shapes_before = set(trainer.step.compiled_shapes)
-        loop_clock = EpochClock()
+        loop_clock = epoch_clock()
         with CompileTimer() as compiles:
             history = trainer.fit(epochs=epochs_per_batch_size, callbacks=[loop_clock], verbose=0)
-        fit_clock = EpochClock()
+        fit_clock = epoch_clock()
         fit_model.optimizer.learning_rate = step.learning_rate
         fit_started = time.perf_counter()
         fit_model.fit(x, y, batch_size=measured, epochs=epochs_per_batch_size, validation_data=validation,
